@@ -1,0 +1,23 @@
+"""Test setup: 8 fake CPU devices, so sharding is exercised on one machine.
+
+XLA_FLAGS must be set before jax is imported anywhere, hence here.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+# grain's worker processes read absl flags; pytest does not parse them.
+flags.FLAGS.mark_as_parsed()
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("CI") == "true":
+        skip = pytest.mark.skip(reason="slow test: skipped in CI")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)

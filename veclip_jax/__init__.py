@@ -1,0 +1,1 @@
+"""veclip-jax: CLIP-style image-text training in JAX/Flax."""
