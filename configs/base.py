@@ -1,6 +1,7 @@
 """Every default of veclip-jax, documented. Experiment files start from here.
 
 Run:  python launch/train.py --config=configs/base.py  (the tiny model on the demo data)
+      python launch/train.py --config=configs/base.py:B/16  (another of MODEL_SIZES)
 Override any field on the command line: --config.batch_size=1024.
 
 Experiment files import this module, call `get_config()`, then change what
@@ -64,7 +65,8 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
     )
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(size: str | None = None) -> ml_collections.ConfigDict:
+    """All defaults; `size` (e.g. `--config=configs/base.py:B/16`) picks the towers."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.batch_size = 64  # global, over all devices and hosts
@@ -73,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 100
     c.checkpoint_every = 100
 
-    c.model = model_config("tiny")
+    c.model = model_config(size or "tiny")
 
     # Device mesh: axis sizes; -1 takes the devices the others leave. The batch
     # is split over data x fsdp; fsdp also shards parameters and optimizer

@@ -1,0 +1,27 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from configs import base
+
+
+def tiny_config(**optim):
+    config = base.get_config()
+    config.optim.warmup_steps = 0  # a non-zero learning rate from the first step
+    config.optim.update(optim)
+    return config
+
+
+def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Normalised-looking images and token rows, each with one end-of-text token."""
+    rng = np.random.default_rng(seed)
+    v, t = config.model.vision, config.model.text
+    images = rng.normal(size=(batch_size, v.image_size, v.image_size, 3)).astype(np.float32)
+    tokens = rng.integers(3, t.vocab_size, size=(batch_size, t.context_length)).astype(np.int32)
+    lengths = rng.integers(1, t.context_length, size=batch_size)
+    for row, n in zip(tokens, lengths, strict=True):
+        row[n] = t.eos_id
+        row[n + 1 :] = t.pad_id
+    return {"image": images, "tokens": tokens}

@@ -1,0 +1,92 @@
+"""The train state, initialised directly sharded over the mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from veclip_jax.models.clip import CLIP, dummy_inputs
+from veclip_jax.parallel.mesh import replicated
+from veclip_jax.parallel.rules import DEFAULT_RULES, LogicalRules, batch_spec
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates applied
+    params: Any
+    opt_state: Any
+    nonfinite_steps: jax.Array  # int32 scalar: updates skipped for a non-finite loss/gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedInit:
+    """What `init_train_state` gives: the state and the shardings it lives in."""
+
+    state: TrainState
+    shardings: TrainState  # same tree, NamedSharding leaves
+    logical_specs: Any  # params tree of logical PartitionSpecs
+
+
+def _abstract_params(model: CLIP) -> Any:
+    return jax.eval_shape(lambda r: model.init(r, *dummy_inputs(model))["params"], jax.random.key(0))
+
+
+def param_logical_specs(model: CLIP) -> Any:
+    """Logical axis names of every parameter (no memory used)."""
+    return nn.get_partition_spec(_abstract_params(model))
+
+
+def param_count(model: CLIP) -> int:
+    """Number of parameters, from shapes only (no memory used)."""
+    return sum(x.size for x in jax.tree.leaves(nn.unbox(_abstract_params(model))))
+
+
+def state_shardings(
+    model: CLIP, tx: optax.GradientTransformation, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
+) -> tuple[TrainState, Any]:
+    """NamedShardings for every leaf of the train state, from the logical rules.
+
+    Optimizer moments follow their parameter; scalars (counts) are replicated.
+    """
+    logical = param_logical_specs(model)
+    param_sh = nn.logical_to_mesh_sharding(logical, mesh, rules)
+    abstract_params = nn.unbox(_abstract_params(model))
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: replicated(mesh)
+    )
+    rep = replicated(mesh)
+    return TrainState(step=rep, params=param_sh, opt_state=opt_sh, nonfinite_steps=rep), logical
+
+
+def init_train_state(
+    model: CLIP,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rng: jax.Array,
+    rules: LogicalRules = DEFAULT_RULES,
+) -> ShardedInit:
+    """Initialises parameters and optimizer state where they live: each device
+    creates only its shards (no host copy, no replicated intermediate)."""
+    shardings, logical = state_shardings(model, tx, mesh, rules)
+
+    def init(rng: jax.Array) -> TrainState:
+        params = nn.unbox(model.init(rng, *dummy_inputs(model))["params"])
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite_steps=zero)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = jax.jit(init, out_shardings=shardings)(rng)
+    return ShardedInit(state=state, shardings=shardings, logical_specs=logical)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Sharding of a batch array of rank `ndim`: examples over data x fsdp."""
+    return NamedSharding(mesh, batch_spec(ndim))

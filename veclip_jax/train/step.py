@@ -1,0 +1,160 @@
+"""The train step: one jitted function (state, batch) -> (state, metrics).
+
+Gradient accumulation splits the batch into k micro-batches *inside* the step
+and stays exact for the contrastive loss (the negatives are the whole batch):
+
+  1. embed every micro-batch without keeping activations;
+  2. compute the loss on the full batch of embeddings, and its gradient with
+     respect to the embeddings and the temperature;
+  3. re-run each micro-batch's towers and pull that embedding gradient back
+     through them (a VJP), summing parameter gradients.
+
+This is the "gradient cache" scheme (also open_clip's --accum-freq): memory
+is that of one micro-batch, cost one extra forward pass, and the update equals
+the large-batch update up to float round-off. Averaging micro-batch gradients
+(optax.MultiSteps) would not: each would see only its own negatives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from veclip_jax.models.clip import CLIP
+from veclip_jax.objectives.clip import clip_loss
+from veclip_jax.parallel.mesh import replicated
+from veclip_jax.parallel.rules import BATCH_AXES, DEFAULT_RULES, LogicalRules
+from veclip_jax.train.state import TrainState, batch_sharding
+
+Batch = dict[str, jax.Array]
+StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def _split(x: jax.Array, k: int, mesh: Mesh) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...], micro-batch j = examples j, j+k, j+2k, ...
+
+    Strided, not contiguous, so every micro-batch keeps a slice on every
+    device and no data moves.
+    """
+    y = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+    spec = P(None, BATCH_AXES, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
+
+
+def _merge(y: jax.Array, mesh: Mesh) -> jax.Array:
+    """Inverse of `_split`: [k, B/k, ...] -> [B, ...] in the original order."""
+    x = jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[2:])
+    spec = P(BATCH_AXES, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def make_train_step(
+    model: CLIP,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    *,
+    grad_accum_steps: int = 1,
+    rules: LogicalRules = DEFAULT_RULES,
+    learning_rate_fn: optax.Schedule | None = None,
+) -> StepFn:
+    """Compiles-on-first-call `train_step(state, batch) -> (state, metrics)`.
+
+    `batch` is {"image": [B, S, S, 3] float, "tokens": [B, L] int32}, global
+    arrays sharded over data x fsdp. The state is donated: its buffers are
+    reused for the new state. Metrics are replicated scalars. A non-finite
+    loss or gradient leaves the parameters and optimizer state unchanged and
+    counts the step in `state.nonfinite_steps`.
+    """
+    k = grad_accum_steps
+    if k < 1:
+        raise ValueError(f"config.optim.grad_accum_steps={k} must be >= 1")
+    scale_max = model.logit_scale_max
+
+    def apply(params: Any, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
+        return model.apply({"params": params}, images, tokens)
+
+    def loss_from_outputs(out: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], mesh=mesh)
+
+    def grads_full_batch(params: Any, batch: Batch) -> tuple[Any, dict[str, jax.Array]]:
+        def loss_fn(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+            return loss_from_outputs(apply(p, batch["image"], batch["tokens"]))
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, metrics
+
+    def grads_accumulated(params: Any, batch: Batch) -> tuple[Any, dict[str, jax.Array]]:
+        micro = jax.tree.map(lambda x: _split(x, k, mesh), batch)
+
+        def embed(p: Any, mb: Batch) -> tuple[jax.Array, jax.Array]:
+            out = apply(p, mb["image"], mb["tokens"])
+            return out["image_embeds"], out["text_embeds"]
+
+        img_m, txt_m = jax.lax.map(lambda mb: embed(params, mb), micro)
+        img, txt = _merge(img_m, mesh), _merge(txt_m, mesh)
+
+        def loss_from_embeds(img, txt, raw_scale):
+            scale = jnp.minimum(jnp.exp(raw_scale), scale_max)
+            return clip_loss(img, txt, scale, mesh=mesh)
+
+        (_, metrics), (g_img, g_txt, g_scale) = jax.value_and_grad(
+            loss_from_embeds, argnums=(0, 1, 2), has_aux=True
+        )(img, txt, params["logit_scale"])
+        g_img_m, g_txt_m = _split(g_img, k, mesh), _split(g_txt, k, mesh)
+
+        def accumulate(acc: Any, xs: tuple) -> tuple[Any, None]:
+            mb, gi, gt = xs
+            _, vjp = jax.vjp(lambda p: embed(p, mb), params)
+            (g,) = vjp((gi, gt))
+            return jax.tree.map(jnp.add, acc, g), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, _ = jax.lax.scan(accumulate, zeros, (micro, g_img_m, g_txt_m))
+        grads["logit_scale"] = grads["logit_scale"] + g_scale
+        return grads, metrics
+
+    compute_grads = grads_full_batch if k == 1 else grads_accumulated
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        grads, metrics = compute_grads(state.params, batch)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = TrainState(
+            step=state.step + finite.astype(jnp.int32),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+        )
+        metrics = dict(metrics, grad_norm=grad_norm, step_applied=finite.astype(jnp.float32))
+        if learning_rate_fn is not None:
+            metrics["learning_rate"] = learning_rate_fn(state.step)
+        return new_state, metrics
+
+    rep = replicated(mesh)
+    in_batch = {"image": batch_sharding(mesh, 4), "tokens": batch_sharding(mesh, 2)}
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, in_batch),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=0,
+    )
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        # Tracing reads the mesh and logical rules from context (the models'
+        # activation constraints); after the first call this only dispatches.
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(state, batch)
+
+    step.jitted = jitted  # for .lower(...) in benchmarks and tests
+    return step
