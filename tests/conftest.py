@@ -1,11 +1,14 @@
 """Test setup: 8 fake CPU devices, so sharding is exercised on one machine.
 
-XLA_FLAGS must be set before jax is imported anywhere, hence here.
+XLA_FLAGS must be set before jax is imported anywhere, hence here. The
+tests' models are tiny, so XLA's compile time dominates their run time:
+backend optimisation level 0 cuts it about five-fold (same math).
 """
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402

@@ -91,15 +91,20 @@ def test_stacked_layers_carry_the_layers_axis():
 
 def _init(config):
     model = build_model(config.model)
-    params = nn.unbox(model.init(jax.random.key(0), *dummy_inputs(model))["params"])
+    params = jax.jit(lambda r: nn.unbox(model.init(r, *dummy_inputs(model))["params"]))(jax.random.key(0))
     return model, params
+
+
+def _apply(model, params, *inputs, method="__call__"):
+    """model.apply, jitted (eager op-by-op dispatch of the scans is slow)."""
+    return jax.jit(lambda p, *x: model.apply({"params": p}, *x, method=method))(params, *inputs)
 
 
 def test_outputs_are_unit_norm_and_scale_is_initial_temperature():
     config = base.get_config()
     model, params = _init(config)
     batch = random_batch(config, 4)
-    out = model.apply({"params": params}, batch["image"], batch["tokens"])
+    out = _apply(model, params, batch["image"], batch["tokens"])
     np.testing.assert_allclose(np.linalg.norm(out["image_embeds"], axis=-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(out["text_embeds"], axis=-1), 1.0, rtol=1e-5)
     assert out["image_embeds"].shape == (4, config.model.embed_dim)
@@ -111,7 +116,7 @@ def test_logit_scale_is_clipped_at_its_maximum():
     model, params = _init(config)
     params = dict(params, logit_scale=jnp.asarray(10.0))
     batch = random_batch(config, 2)
-    out = model.apply({"params": params}, batch["image"], batch["tokens"])
+    out = _apply(model, params, batch["image"], batch["tokens"])
     assert float(out["logit_scale"]) == pytest.approx(100.0)
 
 
@@ -123,12 +128,12 @@ def test_text_is_pooled_at_first_end_of_text_and_ignores_what_follows():
     other = tokens.copy()
     other[:, 6:] = 7  # anything after the first end-of-text token
     other[:, 9] = config.model.text.eos_id  # even a second end-of-text
-    a = model.apply({"params": params}, tokens, method="encode_text")
-    b = model.apply({"params": params}, other, method="encode_text")
+    a = _apply(model, params, tokens, method="encode_text")
+    b = _apply(model, params, other, method="encode_text")
     np.testing.assert_allclose(a, b, atol=1e-6)
     changed = tokens.copy()
     changed[:, 4] = 8  # a token before it matters
-    c = model.apply({"params": params}, changed, method="encode_text")
+    c = _apply(model, params, changed, method="encode_text")
     assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-4
 
 
@@ -150,7 +155,7 @@ def test_bfloat16_compute_keeps_float32_parameters():
     model, params = _init(config)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     batch = random_batch(config, 2)
-    out = model.apply({"params": params}, batch["image"], batch["tokens"])
+    out = _apply(model, params, batch["image"], batch["tokens"])
     assert out["image_embeds"].dtype == jnp.float32
     assert np.isfinite(np.asarray(out["text_embeds"])).all()
 
@@ -159,4 +164,21 @@ def test_wrong_image_size_is_refused():
     config = base.get_config()
     model, params = _init(config)
     with pytest.raises(ValueError, match="expects 32px"):
-        model.apply({"params": params}, np.zeros((1, 64, 64, 3), np.float32), method="encode_image")
+        _apply(model, params, np.zeros((1, 64, 64, 3), np.float32), method="encode_image")
+
+
+def test_remat_gives_the_same_gradients():
+    config = base.get_config()
+    batch = random_batch(config, 4)
+    grads = []
+    for remat in (False, True):
+        config.model.remat = remat
+        model, params = _init(config)
+
+        def loss(p, model=model):
+            out = model.apply({"params": p}, batch["image"], batch["tokens"])
+            return jnp.sum(out["image_embeds"] * out["text_embeds"])
+
+        grads.append(jax.jit(jax.grad(loss))(params))
+    diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), *grads)
+    assert max(jax.tree.leaves(diffs)) < 1e-5

@@ -9,6 +9,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
@@ -85,6 +86,21 @@ def init_train_state(
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(init, out_shardings=shardings)(rng)
     return ShardedInit(state=state, shardings=shardings, logical_specs=logical)
+
+
+def global_batch(mesh: Mesh, local: dict[str, Any]) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays sharded over data x fsdp.
+
+    Every process passes its own slice (same shapes on every process); the
+    global batch is their concatenation in process order. One process: the
+    local batch is the global one.
+    """
+    out = {}
+    for name, x in local.items():
+        x = np.asarray(x)
+        shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+        out[name] = jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, shape)
+    return out
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
