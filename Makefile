@@ -19,5 +19,11 @@ lint: setup
 test: setup lint
 	$(BIN)/python -m pytest -q tests
 
+# Until the training loop lands (issue #4): generate the demo data, then time
+# the train step of the tiny model on this machine.
+demo: setup
+	$(BIN)/python -m veclip_jax.data.demo
+	$(BIN)/python -m veclip_jax.bench.step --config=configs/base.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,1 +1,12 @@
+"""Input data: ArrayRecord shards, caption mixing, tokenizer, the grain pipeline, demo data.
 
+records    the shard format (msgpack v1) with a writer and a reader
+captions   VeCLIP's AltText/VeCap mixing and caption cleaning
+tokenizer  sentencepiece in T5's convention (pad 0, eos 1, unk 2), training CLI
+image_ops  decoding (simplejpeg, PIL fallback), RandomResizedCrop, CLIP normalisation
+pipeline   make_train_iterator: shards -> per-process batches, resumable
+demo       ensure_demo_data: coloured shapes with web-like AltTexts and VeCap captions
+seeds      per-example randomness from (seed, epoch, record index)
+
+See veclip_jax/data/README.md.
+"""

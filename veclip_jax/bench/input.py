@@ -1,0 +1,159 @@
+"""Input pipeline throughput: records/s of the real training pipeline, per decoder and parallelism.
+
+    python -m veclip_jax.bench.input                 # about 1.5 minutes on 2 cores
+    python -m veclip_jax.bench.input --seconds=10 --workers=1,2,4
+
+Two datasets:
+  demo   the embedded demo data (64 px JPEGs) cropped to the tiny model's 32 px
+  photo  500x375 JPEGs (quality 90, photo-like noise and gradients; generated
+         into a temporary directory) cropped to 224 px, as for a B/16 model
+
+For each, the simplejpeg path (the default) and the PIL path (data.decoder="pil",
+the baseline), with k = 1, 2 reader threads in one process (data.num_workers=0,
+num_threads=k) and k = 1, 2 worker processes of one thread each
+(data.num_workers=k, num_threads=1). Records/s counts delivered examples
+(decode, RandomResizedCrop, normalise, caption choice, tokenise, batch) in the
+main process, after a warm-up. A single-thread decode+crop line without grain
+gives the per-core cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import simplejpeg
+
+from configs.base import get_config
+from veclip_jax.data import demo, image_ops, pipeline, records, seeds
+
+
+def _photo_jpeg(rng: np.random.Generator, h: int = 375, w: int = 500) -> bytes:
+    """A photo-like image: smooth gradients, a few blobs, sensor noise (about 60 KiB at q90)."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    f = rng.uniform(0.005, 0.03, size=(3, 2))
+    ph = rng.uniform(0, 6.3, size=3)
+    img = np.stack([127 + 90 * np.sin(f[c, 0] * x + f[c, 1] * y + ph[c]) for c in range(3)], -1)
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(20, 90)
+        mask = ((y - cy) ** 2 + (x - cx) ** 2) < r * r
+        img[mask] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 5, img.shape)
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(img.clip(0, 255).astype(np.uint8)), quality=90)
+
+
+def make_photo_shards(out_dir: str, num_images: int, seed: int = 0, distinct: int = 64) -> list[str]:
+    """`num_images` 500x375 JPEG records with both captions, in 2 shards.
+
+    Only `distinct` different pictures (cycled): generating one takes ~20 ms,
+    and decode cost depends on a JPEG's size and content, not on its identity.
+    """
+    jpegs = [_photo_jpeg(seeds.example_rng(seed, i)) for i in range(min(distinct, num_images))]
+    vecap = "A photo of coloured blobs on a smooth gradient background, with visible sensor noise."
+    recs = (
+        records.Record(
+            key=f"photo-{i}",
+            jpeg=jpegs[i % len(jpegs)],
+            alt_text=f"IMG_{1000 + i}.jpg holiday photo",
+            vecap_text=vecap,
+        )
+        for i in range(num_images)
+    )
+    return records.write_shards(recs, os.path.join(out_dir, "photo"), 2)
+
+
+def measure(config, seconds: float, warmup_batches: int = 3) -> float:
+    """Examples/s delivered by make_train_iterator(config), after warm-up."""
+    it = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+    try:
+        for _ in range(warmup_batches):
+            next(it)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            n += len(next(it)["tokens"])
+        return n / (time.perf_counter() - t0)
+    finally:
+        it.close()
+
+
+def decode_only(jpegs: Sequence[bytes], size: int, decoder: str, seconds: float) -> float:
+    """Single-thread decode + RandomResizedCrop + normalise, images/s, no grain."""
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        rng = np.random.default_rng(n)
+        img = image_ops.decode_random_crop(
+            jpegs[n % len(jpegs)], rng, size=size, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), decoder=decoder
+        )
+        image_ops.normalize(img)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs every configuration and prints a table of records/s."""
+    p = argparse.ArgumentParser(prog="python -m veclip_jax.bench.input", description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per configuration")
+    p.add_argument("--workers", default="1,2", help="parallelism levels to run, comma-separated")
+    p.add_argument("--decoders", default="simplejpeg,pil")
+    p.add_argument("--datasets", default="demo,photo")
+    p.add_argument("--num_photos", type=int, default=256)
+    p.add_argument("--cache_dir", default=None, help="demo data cache (default: the config's)")
+    args = p.parse_args(argv)
+    levels = [int(k) for k in args.workers.split(",")]
+    decoders = args.decoders.split(",")
+
+    print(f"cpu cores: {os.cpu_count()}; simplejpeg {simplejpeg.__version__}; {args.seconds:g} s per row")
+    with tempfile.TemporaryDirectory() as tmp:
+        datasets = {}
+        for name in args.datasets.split(","):
+            c = get_config()
+            if args.cache_dir:
+                c.data.cache_dir = args.cache_dir
+            if name == "demo":
+                d = demo.ensure_demo_data(c.data.cache_dir)
+                files, jpegs = d.train_files, [r.jpeg for r in records.RecordReader(d.train_files)[:256]]
+                c.batch_size = 64
+                c.data.train_files, c.data.tokenizer = ",".join(files), d.tokenizer
+                label = "demo 64px -> 32px"
+            elif name == "photo":
+                t0 = time.perf_counter()
+                files = make_photo_shards(tmp, args.num_photos)
+                jpegs = [records.RecordReader(files)[i].jpeg for i in range(min(64, args.num_photos))]
+                c.batch_size = 32
+                c.model.vision.image_size = 224
+                c.data.train_files = ",".join(files)
+                c.data.tokenizer = demo.ensure_demo_data(c.data.cache_dir).tokenizer
+                kib = np.mean([len(j) for j in jpegs]) / 1024
+                dt = time.perf_counter() - t0
+                print(f"photo: {args.num_photos} JPEGs 500x375 (mean {kib:.0f} KiB) made in {dt:.1f} s")
+                label = "photo 500x375 -> 224px"
+            else:
+                raise ValueError(f"unknown dataset {name!r}")
+            datasets[name] = (label, c, jpegs)
+
+        print(f"\n{'dataset':24} {'decoder':11} {'mode':26} {'records/s':>10}")
+        for label, c, jpegs in datasets.values():
+            size = c.model.vision.image_size
+            for decoder in decoders:
+                rate = decode_only(jpegs, size, decoder, min(args.seconds, 2.0))
+                print(f"{label:24} {decoder:11} {'decode+crop only, 1 thread':26} {rate:10.0f}", flush=True)
+                for k in levels:
+                    for mode in ("threads", "processes"):
+                        c.data.decoder = decoder
+                        c.data.num_workers = k if mode == "processes" else 0
+                        c.data.num_threads = 1 if mode == "processes" else k
+                        desc = (
+                            f"{k} worker process{'es' if k > 1 else ''}"
+                            if mode == "processes"
+                            else (f"{k} thread{'s' if k > 1 else ''} in-process")
+                        )
+                        rate = measure(c, args.seconds)
+                        print(f"{label:24} {decoder:11} {desc:26} {rate:10.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Image decoding, CLIP's RandomResizedCrop, and CLIP normalisation.
+
+Decoders: simplejpeg (libjpeg-turbo, the fastest JPEG decoder on PyPI; see
+shared/spec/ENV.md §6) with PIL as the fallback for everything it does not
+take (PNG, WebP, CMYK JPEGs, ...). Whichever decodes, the crop box is drawn
+from the image's size alone, so both decoders give the same crop for the same
+random generator.
+
+The crop is decoded at reduced scale when the crop box is large compared to
+the output (libjpeg's DCT scaling, M/8 factors): a 500x375 image cropped to
+224 px decodes at 313x235 and resizes from there, about 20 % faster than a
+full decode, with no pixel read below the output resolution (the decoded crop
+is never smaller than the output). PIL's `draft` does the same with powers of
+two.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+try:
+    import simplejpeg
+except ImportError:  # the PIL path then serves every image
+    simplejpeg = None
+
+# CLIP's statistics (OpenAI), on [0, 1] pixels; VeCLIP uses the same.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_MEAN_255 = np.asarray(CLIP_MEAN, np.float32) * 255.0
+_INV_STD_255 = 1.0 / (np.asarray(CLIP_STD, np.float32) * 255.0)
+
+# Larger images are refused rather than decoded (a 2^28-pixel RGB image is
+# 768 MiB); PIL's own bomb check is of the same order.
+MAX_PIXELS = 1 << 28
+
+DECODERS = ("simplejpeg", "pil")
+
+# open_clip's training crop uses bicubic (torchvision's RandomResizedCrop with
+# InterpolationMode.BICUBIC).
+_RESAMPLE = Image.Resampling.BICUBIC
+
+Box = tuple[float, float, float, float]  # left, top, right, bottom, in pixels
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image any decoder can read."""
+
+
+def has_simplejpeg() -> bool:
+    """Whether the simplejpeg decoder is installed."""
+    return simplejpeg is not None
+
+
+def random_resized_crop_box(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    *,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> Box:
+    """A RandomResizedCrop box, as in CLIP training (Inception-style crop).
+
+    Area fraction uniform in `scale`, aspect ratio log-uniform in `ratio`;
+    up to 10 tries to fit the image, then the largest centred box whose aspect
+    is within `ratio`. The box is in float pixels (sub-pixel placement).
+    """
+    area = float(height * width)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    # All ten tries' numbers in one call: scalar Generator calls cost ~1.5 us each.
+    u = rng.random((10, 4)).tolist()
+    for u_area, u_aspect, u_left, u_top in u:
+        target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u_aspect)
+        w = math.sqrt(target * aspect)
+        h = math.sqrt(target / aspect)
+        if 0 < w <= width and 0 < h <= height:
+            left = (width - w) * u_left
+            top = (height - h) * u_top
+            return (left, top, left + w, top + h)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = float(width), width / ratio[0]
+    elif in_ratio > ratio[1]:
+        w, h = height * ratio[1], float(height)
+    else:
+        w, h = float(width), float(height)
+    left, top = (width - w) / 2, (height - h) / 2
+    return (left, top, left + w, top + h)
+
+
+def _resize_box(img: Image.Image, box: Box, size: int, full: tuple[int, int]) -> np.ndarray:
+    """Crops `box` (given in `full` = (width, height) pixels) out of `img` and resizes it."""
+    sx, sy = img.width / full[0], img.height / full[1]
+    scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    return np.asarray(img.resize((size, size), _RESAMPLE, box=scaled))
+
+
+def _min_decode_size(box: Box, size: int, height: int, width: int) -> tuple[int, int]:
+    """Smallest full-image (height, width) at which the crop box still covers `size` pixels."""
+    crop_w, crop_h = box[2] - box[0], box[3] - box[1]
+    return math.ceil(size * height / crop_h), math.ceil(size * width / crop_w)
+
+
+def _crop_simplejpeg(data: bytes, height: int, width: int, box: Box, size: int) -> np.ndarray:
+    min_h, min_w = _min_decode_size(box, size, height, width)
+    if min_h < height and min_w < width:
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w)
+    else:
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB")
+    return _resize_box(Image.fromarray(arr), box, size, (width, height))
+
+
+def _open_pil(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    if img.width * img.height > MAX_PIXELS:
+        raise ImageDecodeError(f"image of {img.width}x{img.height} pixels exceeds {MAX_PIXELS}")
+    return img
+
+
+def _crop_pil(img: Image.Image, box: Box, size: int) -> np.ndarray:
+    full = img.size
+    if img.format == "JPEG":
+        min_h, min_w = _min_decode_size(box, size, full[1], full[0])
+        img.draft("RGB", (min_w, min_h))
+    img = img.convert("RGB")  # also loads; L, P, RGBA, CMYK all end up RGB
+    return _resize_box(img, box, size, full)
+
+
+def decode_random_crop(
+    data: bytes,
+    rng: np.random.Generator,
+    *,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    decoder: str = "simplejpeg",
+) -> np.ndarray:
+    """Decodes an encoded image and returns a RandomResizedCrop of it: uint8 [size, size, 3].
+
+    Raises ImageDecodeError if no decoder can read the bytes.
+    """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    use_sj = decoder == "simplejpeg" and simplejpeg is not None
+    try:
+        pil_img = None
+        dims = None
+        if use_sj:
+            try:
+                height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+                dims = (height, width)
+            except ValueError:
+                pass  # not a JPEG simplejpeg understands: PIL reads it
+        if dims is None:
+            pil_img = _open_pil(data)
+            dims = (pil_img.height, pil_img.width)
+        height, width = dims
+        if height < 1 or width < 1 or height * width > MAX_PIXELS:
+            raise ImageDecodeError(f"image of {width}x{height} pixels is empty or exceeds {MAX_PIXELS}")
+        box = random_resized_crop_box(rng, height, width, scale=scale, ratio=ratio)
+        if pil_img is None:
+            try:
+                return _crop_simplejpeg(data, height, width, box, size)
+            except ValueError:
+                # Header fine, body not (truncated, or a variant libjpeg-turbo's
+                # strict mode refuses): PIL decides, with the same box.
+                pil_img = _open_pil(data)
+        return _crop_pil(pil_img, box, size)
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB [..., 3] -> float32, CLIP mean/std normalised."""
+    out = image.astype(np.float32)
+    # In place: a third faster than the expression form, which makes two temporaries.
+    out -= _MEAN_255
+    out *= _INV_STD_255
+    return out

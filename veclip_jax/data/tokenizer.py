@@ -1,0 +1,254 @@
+"""Sentencepiece tokenisation in the convention of the released VeCLIP checkpoints.
+
+VeCLIP's checkpoints are used with T5's sentencepiece tokenizer
+(`T5Tokenizer.from_pretrained("t5-base")`): pad 0, end-of-text `</s>` 1,
+unknown 2, no begin token, `</s>` appended. We follow it exactly, so
+
+  * a user's T5 `spiece.model` works here unchanged, and
+  * a model we train loads in transformers as `T5Tokenizer.from_pretrained(dir)`
+    with identical ids, and HF CLIP's first-eos pooling finds our `</s>`.
+
+A sequence is: at most `context_length - 1` pieces, then `</s>`, then pad 0 up
+to `context_length`. `</s>` is therefore always present and always ends the
+kept text, even when the caption was truncated.
+
+Train a model from shards' captions (both fields) with
+    python -m veclip_jax.data.tokenizer --input='data/train-*.array_record' --out=spiece.model
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from veclip_jax.data import captions, records
+
+# T5's ids (and therefore VeCLIP's). Also the defaults of configs/base.py.
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+
+
+class Tokenizer:
+    """A sentencepiece model that encodes to fixed-length int32 id rows.
+
+    Pickles as the model's bytes (a few hundred KiB), so it travels to grain's
+    spawned worker processes without a shared file system.
+    """
+
+    def __init__(
+        self,
+        model_file: str | os.PathLike,
+        context_length: int,
+        *,
+        pad_id: int = PAD_ID,
+        eos_id: int = EOS_ID,
+    ):
+        path = os.path.expanduser(os.fspath(model_file))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"sentencepiece model not found: {path}")
+        with open(path, "rb") as f:
+            proto = f.read()
+        self._init(proto, context_length, pad_id, eos_id, name=path)
+
+    @classmethod
+    def from_bytes(
+        cls, proto: bytes, context_length: int, *, pad_id: int = PAD_ID, eos_id: int = EOS_ID
+    ) -> Tokenizer:
+        """A tokenizer from a serialised sentencepiece model."""
+        self = cls.__new__(cls)
+        self._init(proto, context_length, pad_id, eos_id, name="<bytes>")
+        return self
+
+    def _init(self, proto: bytes, context_length: int, pad_id: int, eos_id: int, name: str) -> None:
+        if context_length < 1:
+            raise ValueError(f"context_length must be >= 1, got {context_length}")
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.LoadFromSerializedProto(proto)
+        except Exception as e:
+            raise ValueError(f"not a sentencepiece model: {name}: {e}") from e
+        # Checked up front: a model with other ids would train fine and then
+        # export a checkpoint that pools the wrong token in transformers.
+        if sp.pad_id() != pad_id or sp.eos_id() != eos_id:
+            raise ValueError(
+                f"sentencepiece model {name} has pad id {sp.pad_id()} and end-of-text id {sp.eos_id()}; "
+                f"the model config expects pad {pad_id} and end-of-text {eos_id} (T5's convention). "
+                "Train one with `python -m veclip_jax.data.tokenizer`, or use a T5 spiece.model."
+            )
+        self._proto = proto
+        self._sp = sp
+        self.context_length = int(context_length)
+        self.pad_id = int(pad_id)
+        self.eos_id = int(eos_id)
+
+    def __getstate__(self) -> dict:
+        return {
+            "proto": self._proto,
+            "context_length": self.context_length,
+            "pad_id": self.pad_id,
+            "eos_id": self.eos_id,
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        self._init(state["proto"], state["context_length"], state["pad_id"], state["eos_id"], name="<pickle>")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the model can produce (pieces, including pad/eos/unk)."""
+        return self._sp.get_piece_size()
+
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
+    @property
+    def model_proto(self) -> bytes:
+        """The serialised sentencepiece model (what an export writes as spiece.model)."""
+        return self._proto
+
+    def encode(self, text: str) -> list[int]:
+        """The piece ids of `text`, without end-of-text or padding."""
+        return self._sp.encode(text, out_type=int)
+
+    def _pad(self, ids: Sequence[int], out: np.ndarray) -> None:
+        n = min(len(ids), self.context_length - 1)
+        out[:n] = ids[:n]
+        out[n] = self.eos_id
+        out[n + 1 :] = self.pad_id
+
+    def encode_padded(self, text: str) -> np.ndarray:
+        """int32 [context_length]: pieces (truncated), end-of-text, then padding."""
+        out = np.empty(self.context_length, np.int32)
+        self._pad(self.encode(text), out)
+        return out
+
+    def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
+        """int32 [len(texts), context_length], each row as in `encode_padded`."""
+        ids = self._sp.encode(list(texts), out_type=int)
+        out = np.empty((len(ids), self.context_length), np.int32)
+        for row, seq in zip(out, ids, strict=True):
+            self._pad(seq, row)
+        return out
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """The text of one id row, up to its first end-of-text."""
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self._sp.decode([i for i in ids if i != self.pad_id])
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out: str | os.PathLike,
+    *,
+    vocab_size: int = 32000,
+    model_type: str = "unigram",
+    character_coverage: float = 0.9995,
+    max_sentences: int = 5_000_000,
+    num_threads: int = 2,
+) -> str:
+    """Trains a sentencepiece model with T5's special ids; writes it to `out`; returns the path.
+
+    ids: pad 0 `<pad>`, end-of-text 1 `</s>`, unknown 2 `<unk>`, no begin
+    token. `vocab_size` is an upper bound: on a small corpus the model is as
+    large as the corpus supports (sentencepiece's hard_vocab_limit=False).
+    T5's own model is unigram with NFKC normalisation, which are the defaults.
+    Empty texts are skipped; at most `max_sentences` texts are read.
+    """
+    out = os.path.expanduser(os.fspath(out))
+
+    def sentences() -> Iterator[str]:
+        n = 0
+        for t in texts:
+            if t:
+                yield t
+                n += 1
+                if n >= max_sentences:
+                    return
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences(),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        hard_vocab_limit=False,
+        num_threads=num_threads,
+        minloglevel=2,
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, out)  # atomic: a concurrent reader never sees half a model
+    return out
+
+
+def shard_captions(spec: str | Sequence[str]) -> Iterator[str]:
+    """Both captions (AltText and VeCap) of every record of the shards, cleaned, non-empty."""
+    for path in records.shard_paths(spec):
+        reader = records.RecordReader([path])
+        for i in range(len(reader)):
+            try:
+                rec = records.decode_record(reader.raw(i))
+            except records.RecordFormatError:
+                continue  # the pipeline skips these too
+            for text in (rec.alt_text, rec.vecap_text):
+                text = captions.clean_caption(text)
+                if text:
+                    yield text
+
+
+def train_tokenizer_from_shards(spec: str | Sequence[str], out: str | os.PathLike, **kwargs) -> str:
+    """Trains a tokenizer on the captions (both fields) of ArrayRecord shards."""
+    return train_tokenizer(shard_captions(spec), out, **kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: train a sentencepiece model from shards' captions."""
+    p = argparse.ArgumentParser(
+        prog="python -m veclip_jax.data.tokenizer",
+        description="Train a sentencepiece tokenizer (T5 ids: pad 0, eos 1, unk 2, no bos) "
+        "from the AltText and VeCap captions of ArrayRecord shards.",
+    )
+    p.add_argument("--input", required=True, help="shards: comma-separated paths or globs")
+    p.add_argument("--out", required=True, help="where to write the model, e.g. spiece.model")
+    p.add_argument("--vocab_size", type=int, default=32000, help="upper bound on the vocabulary")
+    p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
+    p.add_argument("--character_coverage", type=float, default=0.9995)
+    p.add_argument("--max_sentences", type=int, default=5_000_000, help="captions read at most")
+    p.add_argument("--num_threads", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    path = train_tokenizer_from_shards(
+        args.input,
+        args.out,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        character_coverage=args.character_coverage,
+        max_sentences=args.max_sentences,
+        num_threads=args.num_threads,
+    )
+    tok = Tokenizer(path, context_length=2)
+    print(f"wrote {path}: {tok.vocab_size} pieces in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
