@@ -11,7 +11,7 @@ from scipy.special import erf
 from configs import base
 from tests.helpers import random_batch
 from veclip_jax.models.clip import build_model, dummy_inputs
-from veclip_jax.models.layers import exact_gelu, quick_gelu
+from veclip_jax.models.layers import attention_implementation, exact_gelu, quick_gelu
 from veclip_jax.parallel.rules import DEFAULT_RULES
 from veclip_jax.train.state import param_count, param_logical_specs
 
@@ -182,3 +182,14 @@ def test_remat_gives_the_same_gradients():
         grads.append(jax.jit(jax.grad(loss))(params))
     diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), *grads)
     assert max(jax.tree.leaves(diffs)) < 1e-5
+
+
+def test_attention_implementation_choice():
+    # jax's implementation=None is XLA's unfused attention; cuDNN must be named.
+    assert attention_implementation("auto", jnp.bfloat16) is None  # this is a CPU
+    assert attention_implementation("xla", jnp.bfloat16) is None
+    assert attention_implementation("cudnn", jnp.float32) == "cudnn"
+    config = base.get_config()
+    config.model.attention = "flash"
+    with pytest.raises(ValueError, match="model.attention"):
+        build_model(config.model)

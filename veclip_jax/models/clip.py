@@ -89,10 +89,13 @@ def build_model(model_cfg: Any, *, unroll: bool = False) -> CLIP:
         layer_norm_eps=model_cfg.layer_norm_eps,
         dtype=jnp.dtype(model_cfg.dtype),
         remat=model_cfg.remat,
+        attention=model_cfg.attention,
     )
     v, t = model_cfg.vision, model_cfg.text
     if model_cfg.act not in ("quick_gelu", "gelu"):
         raise ValueError(f"model.act={model_cfg.act!r}: use 'quick_gelu' or 'gelu'")
+    if model_cfg.attention not in ("auto", "xla", "cudnn"):
+        raise ValueError(f"model.attention={model_cfg.attention!r}: use 'auto', 'xla' or 'cudnn'")
     for name, tower in (("vision", v), ("text", t)):
         if tower.width % tower.heads:
             raise ValueError(f"model.{name}.width={tower.width} is not divisible by heads={tower.heads}")

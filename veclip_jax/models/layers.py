@@ -16,6 +16,7 @@ map to is decided in `veclip_jax.parallel.rules`, never here.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -58,6 +59,7 @@ class TransformerConfig:
     remat: bool = False
     causal: bool = False
     unroll: bool = False  # unroll the layer scan (XLA then counts every layer's FLOPs)
+    attention: str = "auto"  # "auto", "xla" or "cudnn": see `attention_implementation`
 
 
 def layer_norm(cfg: TransformerConfig, name: str) -> nn.LayerNorm:
@@ -69,6 +71,20 @@ def layer_norm(cfg: TransformerConfig, name: str) -> nn.LayerNorm:
         bias_init=with_axes(nn.initializers.zeros, "norm"),
         name=name,
     )
+
+
+def attention_implementation(choice: str, dtype: Dtype) -> str | None:
+    """The `implementation` for jax.nn.dot_product_attention.
+
+    In jax 0.10 `implementation=None` always means XLA's unfused attention;
+    the fused cuDNN flash-attention kernel must be asked for by name, and it
+    takes only half-precision inputs. "auto" asks for it on a GPU in bf16/fp16
+    (falling back to XLA for shapes cuDNN refuses), XLA elsewhere.
+    """
+    if choice == "auto":
+        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        return "cudnn" if half and jax.default_backend() == "gpu" else None
+    return None if choice == "xla" else choice
 
 
 class HeadsDense(nn.Module):
@@ -121,10 +137,15 @@ class Attention(nn.Module):
         def proj(name: str) -> HeadsDense:
             return HeadsDense((cfg.width,), heads, ("embed",), ("heads", "kv"), std_in, cfg.dtype, name=name)
 
-        q, k, v = (proj(n)(x) for n in ("q_proj", "k_proj", "v_proj"))
-        # [batch, length, heads, head_dim]; XLA picks a fused kernel (cuDNN
-        # flash attention on GPU) where one exists for these shapes.
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal)
+        q, k, v = (proj(n)(x) for n in ("q_proj", "k_proj", "v_proj"))  # [batch, length, heads, head_dim]
+        impl = attention_implementation(cfg.attention, cfg.dtype)
+        try:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal, implementation=impl)
+        except (ValueError, NotImplementedError) as e:
+            if cfg.attention != "auto" or impl is None:
+                raise
+            logging.warning("cuDNN attention refused %s (%s): using XLA's", q.shape, e)
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal)
         out_proj = HeadsDense(
             heads, (cfg.width,), ("heads", "kv"), ("embed",), std_out, cfg.dtype, name="out_proj"
         )
