@@ -58,7 +58,9 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
             act="quick_gelu",  # "quick_gelu" (OpenAI CLIP, VeCLIP) or "gelu" (exact erf)
             layer_norm_eps=1e-5,  # HF CLIP's; flax's own default is 1e-6
             dtype="float32",  # compute dtype: "float32" or "bfloat16"; parameters stay float32
-            remat=False,  # rematerialise each transformer block in the backward pass
+            # Rematerialisation of each block in the backward pass: "none", "full",
+            # "dots" (keep matmul outputs), "dots_no_batch" (veclip_jax/models/layers.py).
+            remat="none",
             attention="auto",  # "auto" (cuDNN flash attention on GPU in bf16, else XLA), "xla", "cudnn"
             logit_scale_init=math.log(1 / 0.07),
             logit_scale_max=100.0,  # exp(logit_scale) is clipped here

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from veclip_jax.models.layers import TransformerConfig, with_axes
+from veclip_jax.models.layers import REMAT_POLICIES, TransformerConfig, with_axes
 from veclip_jax.models.text import TextTransformer
 from veclip_jax.models.vit import VisionTransformer
 
@@ -94,6 +94,8 @@ def build_model(model_cfg: Any, *, unroll: bool = False) -> CLIP:
     v, t = model_cfg.vision, model_cfg.text
     if model_cfg.act not in ("quick_gelu", "gelu"):
         raise ValueError(f"model.act={model_cfg.act!r}: use 'quick_gelu' or 'gelu'")
+    if model_cfg.remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={model_cfg.remat!r}: use one of {sorted(REMAT_POLICIES)}")
     if model_cfg.attention not in ("auto", "xla", "cudnn"):
         raise ValueError(f"model.attention={model_cfg.attention!r}: use 'auto', 'xla' or 'cudnn'")
     for name, tower in (("vision", v), ("text", t)):

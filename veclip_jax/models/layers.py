@@ -44,6 +44,18 @@ def exact_gelu(x: jax.Array) -> jax.Array:
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": exact_gelu}
 
+# What a block keeps for the backward pass; the rest is recomputed. "dots"
+# keeps matmul outputs and recomputes norms, activations and softmax;
+# "dots_no_batch" also recomputes attention's score matmuls (batched dots);
+# "full" keeps only the block's input. Measured for B/16 at batch 8 on the
+# 2-core CPU: none 6.1 s/step, dots 5.6-5.7, dots_no_batch 5.6-5.8, full 6.4.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
@@ -56,7 +68,7 @@ class TransformerConfig:
     act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32  # compute dtype; parameters are float32
-    remat: bool = False
+    remat: str = "none"  # a key of REMAT_POLICIES
     causal: bool = False
     unroll: bool = False  # unroll the layer scan (XLA then counts every layer's FLOPs)
     attention: str = "auto"  # "auto", "xla" or "cudnn": see `attention_implementation`
@@ -205,8 +217,8 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         layer = EncoderLayer
-        if self.cfg.remat:
-            layer = nn.remat(layer, prevent_cse=False)
+        if self.cfg.remat != "none":
+            layer = nn.remat(layer, prevent_cse=False, policy=REMAT_POLICIES[self.cfg.remat])
         stack = nn.scan(
             layer,
             variable_axes={"params": 0},
