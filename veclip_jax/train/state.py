@@ -51,20 +51,18 @@ def param_count(model: CLIP) -> int:
 
 def state_shardings(
     model: CLIP, tx: optax.GradientTransformation, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
-) -> tuple[TrainState, Any]:
+) -> TrainState:
     """NamedShardings for every leaf of the train state, from the logical rules.
 
     Optimizer moments follow their parameter; scalars (counts) are replicated.
     """
-    logical = param_logical_specs(model)
-    param_sh = nn.logical_to_mesh_sharding(logical, mesh, rules)
-    abstract_params = nn.unbox(_abstract_params(model))
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_sh = optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: replicated(mesh)
-    )
+    param_sh = nn.logical_to_mesh_sharding(param_logical_specs(model), mesh, rules)
     rep = replicated(mesh)
-    return TrainState(step=rep, params=param_sh, opt_state=opt_sh, nonfinite_steps=rep), logical
+    abstract_opt = jax.eval_shape(tx.init, nn.unbox(_abstract_params(model)))
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: rep
+    )
+    return TrainState(step=rep, params=param_sh, opt_state=opt_sh, nonfinite_steps=rep)
 
 
 def init_train_state(
@@ -76,7 +74,7 @@ def init_train_state(
 ) -> ShardedInit:
     """Initialises parameters and optimizer state where they live: each device
     creates only its shards (no host copy, no replicated intermediate)."""
-    shardings, logical = state_shardings(model, tx, mesh, rules)
+    shardings = state_shardings(model, tx, mesh, rules)
 
     def init(rng: jax.Array) -> TrainState:
         params = nn.unbox(model.init(rng, *dummy_inputs(model))["params"])
@@ -85,15 +83,15 @@ def init_train_state(
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(init, out_shardings=shardings)(rng)
-    return ShardedInit(state=state, shardings=shardings, logical_specs=logical)
+    return ShardedInit(state=state, shardings=shardings, logical_specs=param_logical_specs(model))
 
 
 def global_batch(mesh: Mesh, local: dict[str, Any]) -> dict[str, jax.Array]:
     """This process's rows -> global arrays sharded over data x fsdp.
 
-    Every process passes its own slice (same shapes on every process); the
-    global batch is their concatenation in process order. One process: the
-    local batch is the global one.
+    Every process passes its own slice (same shapes on every process); its
+    rows fill the batch positions held by its devices. One process: the local
+    batch is the global one. No data crosses hosts.
     """
     out = {}
     for name, x in local.items():
