@@ -1,0 +1,488 @@
+"""The dataset converter: img2dataset tars and tables -> ArrayRecord shards, VeCap join, skips, resume."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs.base import get_config
+from veclip_jax.data import convert, pipeline, records, tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _image(seed: int, fmt: str = "JPEG") -> bytes:
+    """A small noisy image: every sample's bytes differ, so a swapped image is caught."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(16, 24, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, fmt)
+    return out.getvalue()
+
+
+def _write_tar(path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _meta(url: str | None = None, status: str | None = "success", **more) -> bytes:
+    m = dict(more)
+    if url is not None:
+        m["url"] = url
+    if status is not None:
+        m["status"] = status
+    return json.dumps(m).encode()
+
+
+# The VeCap release: JSON objects {url: caption}. A URL in both files takes the first file's caption.
+VECAP_A = {
+    "http://x.org/0.jpg": 'A red kite and a blue kite over a beach, "flying" high.',
+    "http://x.org/2.jpg": "Un café au lait sur une table en bois.\nDeux croissants à côté.",
+    "http://x.org/5.jpg": "A green webp square on a white background.",
+}
+VECAP_B = {
+    "http://x.org/3.jpg": "A photo with no AltText: a grey cat on a sofa.",
+    "http://x.org/0.jpg": "a later, different caption that must lose",
+    "http://unused.org/9.jpg": "never downloaded",
+    "http://x.org/bad.jpg": 123,  # not a caption: ignored
+}
+
+
+class Sample:
+    """One input sample and what the converter must make of it (a record, or a skip reason)."""
+
+    def __init__(self, key, members, *, alt=None, vecap=None, image=None, skip=None):
+        self.key, self.members, self.alt, self.vecap, self.image, self.skip = (
+            key,
+            members,
+            alt,
+            vecap,
+            image,
+            skip,
+        )
+
+
+def _samples() -> list[list[Sample]]:
+    """Three tars of img2dataset-like samples: the good, and each kind of bad."""
+    j0, j2, j3, j4, j6, j7, j8 = (_image(i) for i in (0, 2, 3, 4, 6, 7, 8))
+    p1, w5 = _image(1, "PNG"), _image(5, "WEBP")
+    truncated = j7[: len(j7) // 2]  # a valid header, half the data
+    tar0 = [
+        Sample(
+            "00000000",
+            {"jpg": j0, "txt": b"a red &amp; blue kite", "json": _meta("http://x.org/0.jpg", caption="c")},
+            alt="a red &amp; blue kite",  # stored as written: the loader cleans
+            vecap=VECAP_A["http://x.org/0.jpg"],
+            image=j0,
+        ),
+        Sample(
+            "00000001",
+            {"png": p1, "txt": b"png pair", "json": _meta("http://x.org/1.jpg")},
+            alt="png pair",
+            image=p1,
+        ),
+        Sample(
+            "00000002", {"json": _meta("http://x.org/f.jpg", status="failed_to_download")}, skip="not_success"
+        ),
+        Sample(
+            "00000003",
+            {"jpg": b"\xff\xd8\xff not a jpeg", "txt": b"broken", "json": _meta("http://x.org/0.jpg")},
+            skip="unreadable_image",
+        ),
+    ]
+    tar1 = [
+        Sample(
+            "00010000",
+            {"jpg": j2, "json": _meta("http://x.org/2.jpg", caption="caption from the json")},
+            alt="caption from the json",
+            vecap=VECAP_A["http://x.org/2.jpg"],
+            image=j2,
+        ),
+        Sample(
+            "00010001",
+            {"jpeg": j3, "json": _meta("http://x.org/3.jpg")},
+            vecap=VECAP_B["http://x.org/3.jpg"],
+            image=j3,
+        ),
+        Sample(
+            "00010002",
+            {"jpg": j4, "txt": b" \t&nbsp; ", "json": _meta("http://x.org/4.jpg")},
+            skip="no_caption",
+        ),
+        Sample(
+            "00010003",
+            {"webp": w5, "txt": "webp pair é".encode(), "json": _meta("http://x.org/5.jpg")},
+            alt="webp pair é",
+            vecap=VECAP_A["http://x.org/5.jpg"],
+            image=w5,
+        ),
+        Sample("00010004", {"txt": b"no image here", "json": _meta("http://x.org/6.jpg")}, skip="no_image"),
+    ]
+    tar2 = [
+        Sample(
+            "00020000",
+            {"jpg": j6, "txt": b"no status", "json": _meta("http://x.org/7.jpg", status=None)},
+            alt="no status",
+            image=j6,
+        ),
+        Sample("00020001", {"jpg": j6, "txt": b"bad json", "json": b"{not json"}, skip="bad_metadata"),
+        Sample(
+            "00020002",
+            {"jpg": truncated, "txt": b"truncated", "json": _meta("http://x.org/8.jpg")},
+            skip="unreadable_image",
+        ),
+        Sample("00020003", {"jpg": j8, "txt": b"no json at all"}, alt="no json at all", image=j8),
+        Sample("00020000", {"jpg": j8, "txt": b"same key again", "json": _meta()}, skip="duplicate_key"),
+    ]
+    return [tar0, tar1, tar2]
+
+
+@pytest.fixture(scope="module")
+def wds(tmp_path_factory):
+    """Tars 00000..00002 and VeCap JSON files on disk; the spec names a missing 00003 too."""
+    root = tmp_path_factory.mktemp("wds")
+    tars = _samples()
+    for i, samples in enumerate(tars):
+        _write_tar(root / f"{i:05d}.tar", [(s.key, s.members) for s in samples])
+    (root / "vecap-a.json").write_text(json.dumps(VECAP_A, ensure_ascii=False, indent=1), encoding="utf-8")
+    (root / "vecap-b.json").write_text(json.dumps(VECAP_B), encoding="utf-8")
+    return {
+        "root": root,
+        "tars": tars,
+        "spec": str(root / "{00000..00003}.tar"),
+        "vecap": f"{root}/vecap-a.json,{root}/vecap-b.json",  # in this order: a's captions win
+    }
+
+
+def _expected(tars: list[list[Sample]], num_shards: int):
+    good = {s.key: (i % num_shards, s) for i, t in enumerate(tars) for s in t if s.skip is None}
+    skipped: dict[str, int] = {}
+    for t in tars:
+        for s in t:
+            if s.skip:
+                skipped[s.skip] = skipped.get(s.skip, 0) + 1
+    return good, skipped
+
+
+def _read_shards(out: str, num_shards: int) -> list[list[records.Record]]:
+    return [list(records.RecordReader(records.shard_name(out, j, num_shards))) for j in range(num_shards)]
+
+
+def _convert_wds(wds, out, num_shards=2, workers=1, **kwargs) -> convert.ConversionSummary:
+    return convert.convert_webdataset(
+        wds["spec"], str(out), num_shards, vecap_json=wds["vecap"], source="test", workers=workers, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def converted(wds, tmp_path_factory):
+    """The same conversion with 1 worker (in process) and with 2 worker processes."""
+    results = {}
+    for workers in (1, 2):
+        out = str(tmp_path_factory.mktemp(f"out{workers}") / "train")
+        results[workers] = (out, _convert_wds(wds, out, num_shards=2, workers=workers))
+    return results
+
+
+# --- webdataset ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_good_sample_is_written_once_with_its_captions_and_image(wds, converted, workers):
+    out, summary = converted[workers]
+    good, _ = _expected(wds["tars"], 2)
+    shards = _read_shards(out, 2)
+    keys = [r.key for shard in shards for r in shard]
+    assert sorted(keys) == sorted(good), "each good sample exactly once, nothing else"
+    for j, shard in enumerate(shards):
+        for r in shard:
+            want_shard, s = good[r.key]
+            assert j == want_shard, f"{r.key}: input tar i goes to shard i % 2"
+            assert (r.alt_text, r.vecap_text, r.jpeg, r.source) == (s.alt, s.vecap, s.image, "test"), r.key
+    assert summary.records == len(good)
+    assert [s["records"] for s in summary.shards] == [len(shard) for shard in shards]
+    assert summary.with_alt_text == sum(s.alt is not None for _, s in good.values())
+
+
+def test_vecap_captions_are_joined_by_url_first_file_winning(wds, converted):
+    out, summary = converted[1]
+    by_key = {r.key: r for shard in _read_shards(out, 2) for r in shard}
+    assert by_key["00000000"].vecap_text == VECAP_A["http://x.org/0.jpg"]  # not VECAP_B's later caption
+    assert by_key["00010001"].vecap_text == VECAP_B["http://x.org/3.jpg"]  # from the second file
+    assert by_key["00010001"].alt_text is None  # kept: a VeCap caption alone is a caption
+    assert by_key["00000001"].vecap_text is None  # its URL is in no file
+    assert summary.vecap_joined == 4
+    assert summary.vecap_join_rate == pytest.approx(4 / 7)
+
+
+def test_bad_samples_are_skipped_and_counted_by_reason(wds, converted):
+    _, expected_skips = _expected(wds["tars"], 2)
+    expected_skips["missing_input"] = 1  # 00003.tar of the brace range does not exist
+    for workers in (1, 2):
+        out, summary = converted[workers]
+        assert summary.skipped == expected_skips
+        assert summary.missing_inputs == [str(wds["root"] / "00003.tar")]
+        assert summary.shards[1]["skipped"]["missing_input"] == 1  # tar 3 belongs to shard 3 % 2
+        with open(convert.stats_path(out)) as f:
+            assert json.load(f) == summary.to_dict()
+        assert "records" in summary.format() and "no_caption" in summary.format()
+
+
+def test_worker_count_does_not_change_the_shards(converted):
+    (out1, _), (out2, _) = converted[1], converted[2]
+    for j in range(2):
+        with open(records.shard_name(out1, j, 2), "rb") as a, open(records.shard_name(out2, j, 2), "rb") as b:
+            assert a.read() == b.read()
+
+
+def test_no_temporary_files_are_left(converted):
+    out, _ = converted[2]
+    left = sorted(os.listdir(os.path.dirname(out)))
+    assert left == [
+        "train-00000-of-00002.array_record",
+        "train-00001-of-00002.array_record",
+        "train-shard-stats",
+        "train-stats.json",
+    ]
+
+
+def test_rerun_rewrites_only_a_deleted_shard_identically(wds, tmp_path):
+    out = str(tmp_path / "train")
+    first = _convert_wds(wds, out, num_shards=3)
+    paths = [records.shard_name(out, j, 3) for j in range(3)]
+    contents = [open(p, "rb").read() for p in paths]
+    mtimes = [os.stat(p).st_mtime_ns for p in paths]
+    os.remove(paths[1])
+    with open(paths[1] + ".tmp", "wb") as f:  # what a killed run leaves behind
+        f.write(b"half a shard")
+
+    again = _convert_wds(wds, out, num_shards=3)
+
+    assert (again.written, again.reused) == (1, 2)
+    assert [s["reused"] for s in again.shards] == [True, False, True]
+    assert [os.stat(p).st_mtime_ns for p in (paths[0], paths[2])] == [mtimes[0], mtimes[2]]
+    assert [open(p, "rb").read() for p in paths] == contents
+    assert not os.path.exists(paths[1] + ".tmp")
+    # The totals still cover the shards made by the first run.
+    for field in ("records", "skipped", "vecap_joined", "missing_inputs"):
+        assert getattr(again, field) == getattr(first, field), field
+
+
+def test_rerun_with_other_inputs_is_refused_before_writing(wds, tmp_path):
+    out = str(tmp_path / "train")
+    _convert_wds(wds, out, num_shards=2)
+    before = os.stat(records.shard_name(out, 0, 2)).st_mtime_ns
+    os.remove(records.shard_name(out, 1, 2))
+    with pytest.raises(ValueError, match="other inputs or options.*vecap_json"):
+        convert.convert_webdataset(
+            wds["spec"], out, 2, vecap_json=str(wds["root"] / "vecap-a.json"), source="test"
+        )
+    assert os.stat(records.shard_name(out, 0, 2)).st_mtime_ns == before
+    assert not os.path.exists(records.shard_name(out, 1, 2))
+
+
+def test_damaged_tars_keep_the_samples_before_the_damage(tmp_path):
+    images = [_image(10 + i) for i in range(3)]
+    _write_tar(tmp_path / "t.tar", [(f"k{i}", {"jpg": images[i], "txt": b"caption"}) for i in range(3)])
+    with tarfile.open(tmp_path / "t.tar") as tar:
+        cut = tar.getmember("k2.jpg").offset_data + 100  # inside the last sample's image
+    with open(tmp_path / "t.tar", "r+b") as f:
+        f.truncate(cut)
+    (tmp_path / "garbage.tar").write_bytes(b"this is not a tar file" * 50)
+
+    summary = convert.convert_webdataset(f"{tmp_path}/t.tar,{tmp_path}/garbage.tar", str(tmp_path / "o"), 1)
+
+    assert [r.key for r in _read_shards(str(tmp_path / "o"), 1)[0]] == ["k0", "k1"]
+    assert summary.skipped == {"unreadable_input": 2}
+    assert summary.unreadable_inputs == [str(tmp_path / "t.tar"), str(tmp_path / "garbage.tar")]
+
+
+def test_image_check_can_be_turned_off(tmp_path):
+    _write_tar(tmp_path / "t.tar", [("k0", {"jpg": b"not a jpeg", "txt": b"caption"})])
+    summary = convert.convert_webdataset(str(tmp_path / "t.tar"), str(tmp_path / "o"), 1, verify_images=False)
+    assert summary.records == 1 and summary.skipped == {}
+    assert _read_shards(str(tmp_path / "o"), 1)[0][0].jpeg == b"not a jpeg"  # the pipeline will skip it
+
+
+def test_more_shards_than_input_tars_is_refused(wds, tmp_path):
+    with pytest.raises(ValueError, match="at most 4 shards"):
+        _convert_wds(wds, tmp_path / "train", num_shards=5)
+    with pytest.raises(FileNotFoundError, match="none of the 2 input tars"):
+        convert.convert_webdataset(f"{tmp_path}/a.tar,{tmp_path}/b.tar", str(tmp_path / "o"), 1)
+
+
+# --- pieces -------------------------------------------------------------------------------------
+
+
+def test_vecap_json_is_streamed_across_chunk_boundaries(tmp_path):
+    data = {
+        "http://a/1.jpg": 'quotes " and \\ backslashes, \u00e9\u4e2d\U0001f600, \n newline',
+        "http://a/2.jpg": "",
+        "http://a/3.jpg": 12345,
+        "http://a/4.jpg": {"nested": [1, 2.5, None, True]},
+        "http://a/5.jpg": "x" * 50,
+    }
+    (tmp_path / "v.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
+    with gzip.open(tmp_path / "v.json.gz", "wt", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, separators=(",", ":"))
+    for name in ("v.json", "v.json.gz"):
+        for chunk in (1, 3, 7, 1 << 20):
+            assert list(convert.iter_vecap_json(tmp_path / name, chunk_chars=chunk)) == list(data.items())
+    (tmp_path / "empty.json").write_text(" {} ")
+    assert list(convert.iter_vecap_json(tmp_path / "empty.json")) == []
+
+
+@pytest.mark.parametrize(
+    "text", ['["http://a", "b"]', '{"http://a": "b"', '{"http://a" "b"}', '{"a": "b"} {}', '{1: "b"}', ""]
+)
+def test_vecap_json_that_is_not_one_object_is_an_error_naming_the_file(tmp_path, text):
+    (tmp_path / "bad.json").write_text(text)
+    with pytest.raises(ValueError, match="bad.json"):
+        list(convert.iter_vecap_json(tmp_path / "bad.json", chunk_chars=4))
+
+
+def test_input_specs_expand_braces_commas_and_globs(tmp_path):
+    for name in ("a1.tar", "a2.tar", "b.tar"):
+        (tmp_path / name).touch()
+    d = str(tmp_path)
+    assert convert.expand_paths(f"{d}/x{{008..011}}.tar") == [
+        f"{d}/x{n}.tar" for n in ("008", "009", "010", "011")
+    ]
+    assert convert.expand_paths(f"{d}/{{b,a1}}.tar, {d}/a*.tar") == [
+        f"{d}/b.tar",
+        f"{d}/a1.tar",
+        f"{d}/a2.tar",
+    ]
+    assert convert.expand_paths([f"{d}/x{{1..2}}.tar"]) == [f"{d}/x1.tar", f"{d}/x2.tar"]
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        convert.expand_paths(f"{d}/none*.tar")
+
+
+def test_image_check_accepts_what_the_pipeline_decodes():
+    jpeg = _image(0)
+    assert convert.image_decodes(jpeg)
+    assert convert.image_decodes(_image(0, "PNG")) and convert.image_decodes(_image(0, "WEBP"))
+    assert not convert.image_decodes(jpeg[: len(jpeg) // 2])
+    assert not convert.image_decodes(b"")
+    assert not convert.image_decodes(b"GIF89a nonsense")
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+
+def test_table_rows_become_records(wds, tmp_path):
+    (tmp_path / "img").mkdir()
+    for i in range(5):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(_image(20 + i))
+    (tmp_path / "img" / "bad.jpg").write_bytes(b"not an image")
+    absolute = str(tmp_path / "img" / "4.jpg")
+    rows = [
+        # image, alt_text, vecap_text, key, url
+        ("0.jpg", "alt zero", "vecap zero", "k0", ""),
+        ("1.jpg", "alt one, with a comma", "", "", "http://x.org/2.jpg"),  # VeCap joined by URL; key = row
+        ("missing.jpg", "alt", "vecap", "k2", ""),
+        ("3.jpg", "", "", "k3", "http://nowhere"),
+        (absolute, "", "only vecap", "k4", ""),
+        ("bad.jpg", "alt", "", "k5", ""),
+        ("", "alt", "", "k6", ""),
+    ]
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "alt_text", "vecap_text", "key", "url"])
+        w.writerows(rows)
+
+    out = str(tmp_path / "out" / "train")
+    summary = convert.convert_table(
+        str(tmp_path / "pairs.csv"),
+        out,
+        2,
+        image_root=str(tmp_path / "img"),
+        vecap_json=wds["vecap"],
+        workers=2,
+    )
+
+    shards = _read_shards(out, 2)
+    got = {r.key: (j, r.alt_text, r.vecap_text, r.jpeg) for j, shard in enumerate(shards) for r in shard}
+    assert got == {
+        "k0": (0, "alt zero", "vecap zero", _image(20)),
+        "1": (1, "alt one, with a comma", VECAP_A["http://x.org/2.jpg"], _image(21)),
+        "k4": (0, None, "only vecap", _image(24)),
+    }
+    assert summary.skipped == {"no_image": 1, "no_caption": 1, "missing_file": 1, "unreadable_image": 1}
+    assert summary.vecap_joined == 1
+
+
+def test_table_columns_and_tab_separator_are_configurable(tmp_path):
+    (tmp_path / "a.png").write_bytes(_image(30, "PNG"))
+    (tmp_path / "pairs.tsv").write_text("id\tfile\ttext\nx1\ta.png\ta caption, with a comma\n")
+    columns = convert.TableColumns(image="file", alt_text="text", key="id")
+    convert.convert_table(str(tmp_path / "pairs.tsv"), str(tmp_path / "t"), 1, columns=columns)
+    [[record]] = _read_shards(str(tmp_path / "t"), 1)
+    assert (record.key, record.alt_text, record.vecap_text, record.jpeg) == (
+        "x1",
+        "a caption, with a comma",
+        None,
+        _image(30, "PNG"),
+    )
+    with pytest.raises(ValueError, match="no image column 'image'"):
+        convert.convert_table(str(tmp_path / "pairs.tsv"), str(tmp_path / "u"), 1)
+
+
+# --- the consumers: the training pipeline and the command line -----------------------------------
+
+
+def test_converted_shards_feed_the_training_pipeline(converted, tmp_path):
+    out, _ = converted[1]
+    files = f"{out}-*{records.SHARD_SUFFIX}"
+    spm = tokenizer.train_tokenizer_from_shards(files, tmp_path / "spiece.model", vocab_size=200)
+    config = get_config()
+    config.batch_size = 4
+    config.data.train_files = files
+    config.data.tokenizer = spm
+    config.data.num_workers = 0
+    it = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+    try:
+        batch = next(it)
+        assert it.bad_counts() == {k: 0 for k in it.bad_counts()}
+    finally:
+        it.close()
+    size, length = config.model.vision.image_size, config.model.text.context_length
+    assert batch["image"].shape == (4, size, size, 3) and batch["image"].dtype == np.float32
+    assert batch["tokens"].shape == (4, length) and batch["tokens"].dtype == np.int32
+    assert ((batch["tokens"] == config.model.text.eos_id).sum(axis=1) == 1).all()
+
+
+def test_command_line_converts_then_resumes(wds, tmp_path):
+    out = str(tmp_path / "cli" / "train")
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "launch", "make_dataset.py"),  # run from elsewhere: the script finds the repo
+        f"--webdataset={wds['spec']}",
+        f"--vecap_json={wds['vecap']}",
+        f"--out={out}",
+        "--num_shards=2",
+        "--workers=1",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "7 records in 2 shards" in first.stdout and "(2 written now, 0 done before)" in first.stdout
+    assert "VeCap joined by URL: 4 of 7" in first.stdout
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert "(0 written now, 2 done before)" in second.stdout
+    with open(convert.stats_path(out)) as f:
+        assert json.load(f)["records"] == 7
