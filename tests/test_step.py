@@ -8,7 +8,7 @@ from tests.helpers import random_batch, tiny_config
 from veclip_jax.models.clip import build_model
 from veclip_jax.parallel.mesh import make_mesh, mesh_shape
 from veclip_jax.train.optim import make_optimizer
-from veclip_jax.train.state import batch_sharding, init_train_state
+from veclip_jax.train.state import global_batch, init_train_state
 from veclip_jax.train.step import make_train_step
 
 MESHES = {
@@ -31,11 +31,7 @@ def _run(config, mesh_cfg, batches, devices=None):
     step = make_train_step(model, tx, mesh, init.shardings, grad_accum_steps=config.optim.grad_accum_steps)
     state, losses = init.state, []
     for batch in batches:
-        sharded = {
-            "image": jax.device_put(batch["image"], batch_sharding(mesh, 4)),
-            "tokens": jax.device_put(batch["tokens"], batch_sharding(mesh, 2)),
-        }
-        state, metrics = step(state, sharded)
+        state, metrics = step(state, global_batch(mesh, batch))
         losses.append(float(metrics["loss"]))
     return state, losses, init
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +24,6 @@ from ml_collections import config_flags
 
 from veclip_jax.models.clip import build_model
 from veclip_jax.parallel.mesh import make_mesh
-from veclip_jax.parallel.rules import DEFAULT_RULES
 from veclip_jax.train.optim import make_optimizer
 from veclip_jax.train.state import batch_sharding, init_train_state, param_count
 from veclip_jax.train.step import make_train_step
@@ -55,8 +53,7 @@ def step_flops(config, mesh, tx, init, batch) -> float:
     """FLOPs of one step over the whole mesh, counted on the unrolled model."""
     unrolled = build_model(config.model, unroll=True)
     step = make_train_step(unrolled, tx, mesh, init.shardings, grad_accum_steps=config.optim.grad_accum_steps)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
-        cost = step.jitted.lower(init.state, batch).compile().cost_analysis()
+    cost = step.lower(init.state, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", 0.0)) * mesh.size
 
@@ -85,8 +82,7 @@ def main(_: list[str]) -> None:
     }
     step = make_train_step(model, tx, mesh, init.shardings, grad_accum_steps=config.optim.grad_accum_steps)
     start = time.perf_counter()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
-        compiled = step.jitted.lower(init.state, batch).compile()
+    compiled = step.lower(init.state, batch).compile()
     compile_s = time.perf_counter() - start
     flops = step_flops(config, mesh, tx, init, batch)
 

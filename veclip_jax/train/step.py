@@ -156,5 +156,10 @@ def make_train_step(
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(state, batch)
 
-    step.jitted = jitted  # for .lower(...) in benchmarks and tests
+    def lower(state: TrainState, batch: Batch) -> jax.stages.Lowered:
+        """The step lowered for these inputs (for .compile(), cost analysis), in the same context."""
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted.lower(state, batch)
+
+    step.lower = lower
     return step
