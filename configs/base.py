@@ -71,12 +71,19 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
 def get_config(size: str | None = None) -> ml_collections.ConfigDict:
     """All defaults; `size` (e.g. `--config=configs/base.py:B/16`) picks the towers."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    c.seed = 0  # the one seed: initialisation, shuffling, crops and caption draws derive from it
     c.batch_size = 64  # global, over all devices and hosts
-    c.total_steps = 200
-    c.log_every = 10
-    c.eval_every = 100
-    c.checkpoint_every = 100
+    c.total_steps = 200  # optimizer steps (batches) of the whole run, resumes included
+    c.log_every = 10  # a metrics.jsonl line, TensorBoard point and console line every N steps
+    c.eval_every = 100  # evaluate every N steps and at the end; 0 = never
+    c.checkpoint_every = 100  # save every N steps; the last step and SIGTERM always save; 0 = only those
+    c.keep_checkpoints = 3  # the newest N checkpoints are kept
+    c.async_checkpointing = True  # write checkpoints in the background while training goes on
+    c.max_nonfinite_steps = 10  # this many skipped (non-finite) steps in a row stop the run
+    # Parameters to start from (optimizer and data start fresh): a workdir or
+    # Orbax checkpoint directory of ours (its latest step, or DIR/checkpoints/STEP),
+    # or a HuggingFace CLIP directory. "" = random initialisation.
+    c.init_from = ""
 
     c.model = model_config(size or "tiny")
 
@@ -113,6 +120,27 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
             num_workers=0,  # worker processes (grain mp_prefetch); 0 = threads in this process
             num_threads=4,  # reader threads per process
             prefetch=4,  # batches buffered ahead
+        )
+    )
+
+    # Evaluation during training (veclip_jax/eval): zero-shot classification of
+    # every labelled attribute of the eval records, and image<->text retrieval
+    # with one caption per image.
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            files="",  # eval shards (records with `labels`); "" = the demo's held-out split on demo data
+            batch_size=256,  # images or texts per encoding batch (global)
+            caption_field="vecap_text",  # the retrieval caption: "vecap_text" or "alt_text"
+            recall_at=(1, 5),  # retrieval recall@k reported
+            # Prompt templates per labelled attribute ("{}" = the class name);
+            # attributes without templates are not classified. These fit the demo data.
+            templates=dict(
+                color=("a {} shape.", "an image of a {} object.", "a {} object on a background."),
+                shape=("a {}.", "an image of a {}.", "a {} shape."),
+                size=("a {} shape.", "an image of a {} object."),
+                position=("a shape at the {}.", "an image with an object at the {}."),
+                background=("a shape on a {} background.", "an image with a {} background."),
+            ),
         )
     )
     return c

@@ -2,7 +2,8 @@
 
 XLA_FLAGS must be set before jax is imported anywhere, hence here. The
 tests' models are tiny, so XLA's compile time dominates their run time:
-backend optimisation level 0 cuts it about five-fold (same math).
+backend optimisation level 0 cuts it about five-fold (same math), and a
+persistent compilation cache serves repeated compiles.
 """
 
 import os
@@ -10,6 +11,13 @@ import os
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The training-loop tests build the same programs many times (in this process
+# and in launch/train.py subprocesses, which inherit these): JAX's persistent
+# compilation cache turns every compile after the first into a read.
+_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "jax")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402

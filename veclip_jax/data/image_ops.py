@@ -184,3 +184,35 @@ def normalize(image: np.ndarray) -> np.ndarray:
     out -= _MEAN_255
     out *= _INV_STD_255
     return out
+
+
+def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """Evaluation preprocessing: shorter side to `size` (bicubic), centre `size` x `size` crop.
+
+    uint8 [size, size, 3]. The arithmetic is HF `CLIPImageProcessor`'s
+    (shortest_edge = crop = size): the longer side becomes
+    int(size * long / short), the crop starts at (extent - size) // 2, so an
+    exported model's processor sees the same pixels as our evaluation.
+    """
+    image = image.convert("RGB")
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), _RESAMPLE)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)))
+
+
+def decode_eval_image(data: bytes, size: int) -> np.ndarray:
+    """Encoded image bytes -> uint8 [size, size, 3] by `resize_center_crop`.
+
+    Raises ImageDecodeError if the bytes are not an image.
+    """
+    try:
+        return resize_center_crop(_open_pil(data), size)
+    except ImageDecodeError:
+        raise
+    except Exception as e:
+        raise ImageDecodeError(f"{type(e).__name__}: {e}") from e

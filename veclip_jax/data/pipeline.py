@@ -309,15 +309,19 @@ class TrainIterator(grain.DatasetIterator):
 
 @dataclasses.dataclass(frozen=True)
 class DataSources:
-    """Resolved inputs of a run: shard paths and the tokenizer file."""
+    """Resolved inputs of a run: shard paths, the tokenizer file, evaluation shards."""
 
     train_files: list[str]
     tokenizer: str
     is_demo: bool
+    eval_files: list[str]  # config.eval.files, or the demo's held-out split on demo data; may be empty
 
 
 def resolve_sources(config: ml_collections.ConfigDict) -> DataSources:
-    """The shard paths and tokenizer of `config.data`; generates the demo data if they are ""."""
+    """The shard paths and tokenizer of `config.data` (and `config.eval.files`).
+
+    Generates the demo data under `data.cache_dir` if train files or tokenizer are "".
+    """
     d = config.data
     demo_data = None
     if not d.train_files or not d.tokenizer:
@@ -336,7 +340,12 @@ def resolve_sources(config: ml_collections.ConfigDict) -> DataSources:
         tok = demo_data.tokenizer
         if d.train_files:
             log.warning("data.tokenizer is empty: using the demo tokenizer (%s) on real data", tok)
-    return DataSources(train_files=files, tokenizer=tok, is_demo=not d.train_files)
+    eval_spec = config.eval.files if "eval" in config else ""
+    if eval_spec:
+        eval_files = records.shard_paths(eval_spec)
+    else:
+        eval_files = [demo_data.eval_file] if not d.train_files else []
+    return DataSources(train_files=files, tokenizer=tok, is_demo=not d.train_files, eval_files=eval_files)
 
 
 def _shuffle_seed(seed: int) -> int:

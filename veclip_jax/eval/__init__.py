@@ -1,1 +1,1 @@
-
+"""Evaluation: zero-shot classification, retrieval, and the evaluator used during training."""

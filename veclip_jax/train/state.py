@@ -75,15 +75,24 @@ def init_train_state(
     """Initialises parameters and optimizer state where they live: each device
     creates only its shards (no host copy, no replicated intermediate)."""
     shardings = state_shardings(model, tx, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = jax.jit(_init_fn(model, tx), out_shardings=shardings)(rng)
+    return ShardedInit(state=state, shardings=shardings, logical_specs=param_logical_specs(model))
 
+
+def _init_fn(model: CLIP, tx: optax.GradientTransformation):
     def init(rng: jax.Array) -> TrainState:
         params = nn.unbox(model.init(rng, *dummy_inputs(model))["params"])
         zero = jnp.zeros((), jnp.int32)
         return TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite_steps=zero)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = jax.jit(init, out_shardings=shardings)(rng)
-    return ShardedInit(state=state, shardings=shardings, logical_specs=param_logical_specs(model))
+    return init
+
+
+def abstract_train_state(model: CLIP, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """The train state as ShapeDtypeStructs placed by `shardings`: a restore target, nothing allocated."""
+    shapes = jax.eval_shape(_init_fn(model, tx), jax.random.key(0))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
 def global_batch(mesh: Mesh, local: dict[str, Any]) -> dict[str, jax.Array]:

@@ -1,0 +1,171 @@
+"""Configs: every experiment file is valid and unchanged; bad fields are refused fast, by name."""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import ml_collections
+import pytest
+
+from configs import base
+from veclip_jax.config import ConfigError, check_overrides, validate_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(ROOT, "tests", "golden_configs")
+EXPERIMENTS = sorted(
+    os.path.basename(p)[:-3]
+    for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    if not p.endswith("__init__.py")
+)
+
+
+def _load(name: str):
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_config_file_is_valid(name):
+    validate_config(_load(name))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_config_matches_its_golden_file(name):
+    """A config change shows in review: regenerate with UPDATE_GOLDEN=1 pytest tests/test_config.py."""
+    text = _load(name).to_json_best_effort(indent=1, sort_keys=True) + "\n"
+    path = os.path.join(GOLDEN, f"{name}.json")
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        os.makedirs(GOLDEN, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    with open(path) as f:
+        assert json.loads(f.read()) == json.loads(text), f"configs/{name}.py changed: update {path}"
+
+
+@pytest.mark.parametrize("size", sorted(base.MODEL_SIZES))
+def test_every_model_size_is_valid(size):
+    validate_config(base.get_config(size))
+
+
+def _with(**changes):
+    """The base config with fields changed (a__b means config.a.b), built as a new ConfigDict:
+    ml_collections' own type check on assignment is what a hand-built config lacks."""
+    d = base.get_config().to_dict()
+    for dotted, value in changes.items():
+        *path, leaf = dotted.split("__")
+        node = d
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    return ml_collections.ConfigDict(d)
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(data__vecap_prob=1.5), "config.data.vecap_prob"),
+        (dict(data__max_bad_fraction=-0.1), "config.data.max_bad_fraction"),
+        (dict(batch_size=0), "config.batch_size"),
+        (dict(total_steps=0), "config.total_steps"),
+        (dict(log_every=0), "config.log_every"),
+        (dict(eval_every=-1), "config.eval_every"),
+        (dict(keep_checkpoints=0), "config.keep_checkpoints"),
+        (dict(optim__warmup_steps=500), "config.optim.warmup_steps"),
+        (dict(optim__learning_rate=0.0), "config.optim.learning_rate"),
+        (dict(optim__b2=1.0), "config.optim.b2"),
+        (dict(data__crop_scale=(0.9, 1.5)), "config.data.crop_scale"),
+        (dict(model__vision__patch_size=5), "config.model.vision.image_size"),
+        (dict(model__text__heads=3), "config.model.text.width"),
+        (dict(model__text__eos_id=0), "config.model.text.eos_id"),
+        (dict(model__dtype="float16"), "config.model.dtype"),
+        (dict(mesh__data=0), "config.mesh.data"),
+        (dict(eval__caption_field="caption"), "config.eval.caption_field"),
+    ],
+)
+def test_out_of_range_values_are_refused_by_name(changes, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate_config(_with(**changes))
+
+
+def test_wrong_types_are_refused_by_name():
+    with pytest.raises(ConfigError, match=r"config\.batch_size='64': expected int"):
+        validate_config(_with(batch_size="64"))
+    with pytest.raises(ConfigError, match=r"config\.data\.vecap_prob='0.5': expected float"):
+        validate_config(_with(data__vecap_prob="0.5"))
+    validate_config(_with(data__vecap_prob=1))  # an int where a float is expected is fine
+
+
+def test_unknown_and_missing_fields_are_refused_by_name():
+    c = base.get_config()
+    c.data.vecap_probability = 0.5
+    with pytest.raises(
+        ConfigError, match=r"config\.data\.vecap_probability is not a field.*data\.vecap_prob\?"
+    ):
+        validate_config(c)
+    c = base.get_config()
+    del c.data["tokenizer"]
+    with pytest.raises(ConfigError, match=r"config\.data\.tokenizer is missing"):
+        validate_config(c)
+
+
+def test_eval_templates_are_free_form_but_checked():
+    c = base.get_config()
+    c.eval.templates.texture = ("a {} surface.",)
+    validate_config(c)
+    c.eval.templates.texture = ("no placeholder",)
+    with pytest.raises(ConfigError, match=r"config\.eval\.templates\.texture"):
+        validate_config(c)
+
+
+@pytest.mark.parametrize(
+    "changes, devices, match",
+    [
+        (dict(mesh__data=3), 8, r"config\.mesh"),
+        (dict(mesh__fsdp=2, mesh__data=2), 8, r"covers 4 devices"),
+        (dict(batch_size=60), 8, r"config\.batch_size=60 does not divide over data x fsdp = 8"),
+        (dict(optim__grad_accum_steps=3), 8, r"config\.optim\.grad_accum_steps=3"),
+        (dict(eval__batch_size=100), 8, r"config\.eval\.batch_size=100"),
+    ],
+)
+def test_a_mesh_or_batch_that_does_not_fit_is_refused(changes, devices, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_config(_with(**changes), num_devices=devices)
+
+
+def test_override_of_an_unknown_field_is_refused_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"--config\.batchsize=8: .*did you mean --config\.batch_size\?"):
+        check_overrides(["train.py", "--config.batchsize=8"])
+    with pytest.raises(ConfigError, match=r"did you mean --config\.data\.vecap_prob\?"):
+        check_overrides(["train.py", "--config.data.vecap_probs=0"])
+    check_overrides(["train.py", "--config.data.vecap_prob=0", "--config.eval.templates.texture=('{}',)"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.batchsize=8", "config.batchsize is not a field"),
+        ("--config.batch_size=abc", "--config.batch_size=abc"),
+        ("--config.data.vecap_prob=1.5", "config.data.vecap_prob=1.5"),
+        ("--config.mesh.data=3", "config.mesh="),  # 3 of the 8 (fake) devices
+        ("--config.batch_size=12", "config.batch_size=12 does not divide"),
+    ],
+)
+def test_launch_refuses_bad_config_before_any_compute(override, message, tmp_path):
+    workdir = tmp_path / "run"
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config=configs/tiny.py",
+         f"--workdir={workdir}", f"--config.data.cache_dir={tmp_path / 'cache'}", override],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    took = time.perf_counter() - start
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "cache").exists()  # no demo data generated, nothing computed
+    assert took < 30

@@ -1,0 +1,271 @@
+"""The training loop: exact resume, the same run on any mesh, SIGTERM, checkpoints that survive failures,
+non-finite steps, logging and evaluation, init_from."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import tiny
+from veclip_jax.train import loop
+from veclip_jax.train.checkpoint import Checkpointer, restore_params
+from veclip_jax.train.metrics import MetricsWriter, read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "launch", "train.py")
+K = 4  # steps before the interruption in the resume tests
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> str:
+    from veclip_jax.data.demo import ensure_demo_data
+
+    cache = str(tmp_path_factory.mktemp("demo_cache"))
+    ensure_demo_data(cache)
+    return cache
+
+
+def _config(demo_cache: str, **fields):
+    c = tiny.get_config()
+    c.data.cache_dir = demo_cache
+    c.total_steps = 2 * K
+    c.checkpoint_every = K
+    c.eval_every = K
+    c.update(fields)
+    return c
+
+
+def _losses(workdir: str) -> list[float]:
+    lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [m["step"] for m in lines] == list(range(1, len(lines) + 1))
+    return [m["loss"] for m in lines]
+
+
+@pytest.fixture(scope="module")
+def straight(demo_cache, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    result = loop.train(_config(demo_cache, keep_checkpoints=1), workdir)
+    return workdir, result
+
+
+# --- exact resume -------------------------------------------------------------------------------
+
+
+def test_resume_continues_identical_losses_and_evaluations(straight, demo_cache, tmp_path):
+    first = loop.train(_config(demo_cache), str(tmp_path), stop_after=K)
+    assert first.step == K and first.preempted
+    # What a process killed in the middle of its next save leaves behind: ignored, then removed.
+    leftover = tmp_path / "checkpoints" / f"{2 * K}.orbax-checkpoint-tmp"
+    (leftover / "params").mkdir(parents=True)
+    second = loop.train(_config(demo_cache), str(tmp_path))
+    assert second.start_step == K and second.step == 2 * K
+    assert not leftover.exists()
+    assert _losses(str(tmp_path)) == _losses(straight[0])  # bit for bit
+    evals = [read_jsonl(os.path.join(w, "eval.jsonl")) for w in (str(tmp_path), straight[0])]
+    assert evals[0] == evals[1]
+
+
+def test_rerun_of_a_finished_run_trains_nothing(straight, demo_cache):
+    workdir, _ = straight
+    before = _losses(workdir)
+    again = loop.train(_config(demo_cache, keep_checkpoints=1), workdir)
+    assert again.step == again.start_step == 2 * K
+    assert _losses(workdir) == before
+
+
+# --- the same run on any mesh ---------------------------------------------------------------------
+
+MESH_STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def one_device(demo_cache, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("one_device"))
+    config = _config(demo_cache, total_steps=MESH_STEPS, eval_every=0, checkpoint_every=0)
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    loop.train(config, workdir, devices=jax.devices()[:1])
+    return _losses(workdir)
+
+
+def test_same_losses_on_one_device_and_on_data2_fsdp4(one_device, demo_cache, tmp_path):
+    config = _config(demo_cache, total_steps=MESH_STEPS, eval_every=0, checkpoint_every=0)
+    config.mesh.update(data=2, fsdp=4, tensor=1)
+    loop.train(config, str(tmp_path))
+    np.testing.assert_allclose(_losses(str(tmp_path)), one_device, rtol=1e-5)
+
+
+def test_loss_falls_on_the_demo_data(one_device):
+    # Chance is log(32) = 3.47 for a batch of 32; the first steps sit near it.
+    assert np.mean(one_device[:5]) > 3.3
+    assert np.mean(one_device[-5:]) < np.mean(one_device[:5]) - 0.4, one_device
+
+
+# --- logging, evaluation, checkpoints ---------------------------------------------------------------
+
+
+def test_metrics_jsonl_has_a_line_per_logged_step(straight):
+    workdir, _ = straight
+    lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [m["step"] for m in lines] == list(range(1, 2 * K + 1))
+    for key in ("loss", "learning_rate", "logit_scale", "images_per_sec", "bad_record", "empty_caption",
+                "undecodable_image", "nonfinite_steps"):  # fmt: skip
+        assert key in lines[-1], key
+    assert lines[-1]["images_per_sec"] > 0
+    assert lines[0]["learning_rate"] == 0.0 and lines[2]["learning_rate"] > 0  # warmup
+    assert lines[-1]["nonfinite_steps"] == 0
+
+
+def test_evaluation_every_eval_every_steps_and_at_the_end(straight):
+    workdir, result = straight
+    lines = read_jsonl(os.path.join(workdir, "eval.jsonl"))
+    assert [m["step"] for m in lines] == [K, 2 * K]
+    for attribute in ("color", "shape", "size", "position", "background"):
+        assert 0.0 <= lines[-1][f"zeroshot/{attribute}_top1"] <= 1.0
+    for k in (1, 5):
+        assert 0.0 <= lines[-1][f"retrieval/i2t_R@{k}"] <= 1.0
+        assert 0.0 <= lines[-1][f"retrieval/t2i_R@{k}"] <= 1.0
+    assert result.eval == {k: v for k, v in lines[-1].items() if k != "step"}
+
+
+def _tensorboard_tags(workdir: str) -> set[str]:
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in glob.glob(os.path.join(workdir, "tensorboard", "events.*")):
+        data, i = open(path, "rb").read(), 0
+        while i < len(data):  # TFRecord framing: length, crc, event, crc
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            tags.update(v.tag for v in event.summary.value)
+            i += 12 + n + 4
+    return tags
+
+
+def test_tensorboard_events_hold_train_and_eval_scalars(straight):
+    tags = _tensorboard_tags(straight[0])
+    want = {"train/loss", "train/learning_rate", "train/images_per_sec", "eval/zeroshot/color_top1"}
+    assert want | {"eval/retrieval/i2t_R_at_1"} <= tags
+
+
+def test_workdir_keeps_config_tokenizer_and_the_newest_checkpoints(straight):
+    workdir, result = straight
+    assert os.path.exists(os.path.join(workdir, "config.json"))
+    assert os.path.exists(os.path.join(workdir, "spiece.model"))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(2 * K)]  # keep_checkpoints=1
+    assert result.checkpoint == os.path.join(workdir, "checkpoints", str(2 * K))
+
+
+def test_metrics_writer_drops_lines_after_the_resumed_step(tmp_path):
+    writer = MetricsWriter(str(tmp_path), enabled=True, start_step=0)
+    for step in range(1, 11):
+        writer.train(step, {"loss": float(step)})
+    writer.close()
+    MetricsWriter(str(tmp_path), enabled=True, start_step=6).close()
+    assert [m["step"] for m in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_only_the_writing_process_writes(tmp_path):
+    writer = MetricsWriter(str(tmp_path), enabled=False, start_step=0)
+    writer.train(1, {"loss": 1.0})
+    writer.eval(1, {"x": 1.0})
+    writer.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_save_keeps_the_last_good_checkpoint(demo_cache, tmp_path, monkeypatch):
+    original, calls = ocp.StandardCheckpointHandler.async_save, []
+
+    async def fail_second_save(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # two items per save: params, train
+            raise OSError("disk full (simulated)")
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", fail_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        loop.train(_config(demo_cache, eval_every=0), str(tmp_path))
+    monkeypatch.undo()
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+    assert ckpt.latest_step() == K  # the failed step-2K save replaced nothing
+    ckpt.close()
+    result = loop.train(_config(demo_cache, eval_every=0), str(tmp_path))
+    assert result.start_step == K and result.step == 2 * K
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_with_the_checkpoint_intact(demo_cache, tmp_path, monkeypatch):
+    original, calls = loop.global_batch, []
+
+    def nan_after_k(mesh, local):
+        calls.append(1)
+        if len(calls) > K:
+            local = dict(local, image=np.full_like(local["image"], np.nan))
+        return original(mesh, local)
+
+    monkeypatch.setattr(loop, "global_batch", nan_after_k)
+    config = _config(demo_cache, eval_every=0, total_steps=20, max_nonfinite_steps=3)
+    with pytest.raises(
+        loop.NonFiniteTrainingError, match=f"3 consecutive steps .* Last checkpoint: step {K}"
+    ):
+        loop.train(config, str(tmp_path))
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+    assert ckpt.all_steps() == [K]
+    ckpt.close()
+    lines = read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert lines[K]["loss"] is None and lines[K]["nonfinite_steps"] == 1  # logged, as null
+
+
+def test_init_from_starts_from_another_runs_parameters(straight, demo_cache, tmp_path):
+    source, _ = straight
+    config = _config(demo_cache, total_steps=1, eval_every=0, init_from=source)
+    config.optim.update(learning_rate=1e-12, warmup_steps=0)  # one step that moves nothing measurable
+    result = loop.train(config, str(tmp_path))
+    got, _ = restore_params(result.checkpoint)
+    want, meta = restore_params(source)
+    assert meta["step"] == 2 * K
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), got, want)
+    assert max(jax.tree.leaves(diffs)) < 1e-6
+
+
+def test_resume_refuses_a_different_model(straight, demo_cache):
+    config = _config(demo_cache, keep_checkpoints=1)
+    config.model.embed_dim = 48
+    with pytest.raises(loop.ConfigError, match="config.model differs"):
+        loop.train(config, straight[0])
+
+
+# --- SIGTERM ------------------------------------------------------------------------------------------
+
+
+def test_sigterm_saves_exits_cleanly_and_the_workdir_resumes(demo_cache, tmp_path):
+    steps = 30
+    cmd = [sys.executable, TRAIN, "--config=configs/tiny.py", f"--workdir={tmp_path}",
+           f"--config.data.cache_dir={demo_cache}", f"--config.total_steps={steps}",
+           "--config.eval_every=0", "--config.checkpoint_every=0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-3000:]
+    stopped = read_jsonl(str(metrics))[-1]["step"]
+    assert stopped < steps, "the run ended before SIGTERM; nothing was tested"
+    assert f"checkpoint saved to {tmp_path}/checkpoints/{stopped}" in out
+
+    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {stopped}" in resumed.stderr
+    assert [m["step"] for m in read_jsonl(str(metrics))] == list(range(1, steps + 1))

@@ -1,0 +1,257 @@
+"""Config checking: every field known, of the right type, in range, before any compute.
+
+`configs/base.py` is the schema: an experiment config must have exactly its
+fields (an unknown one is usually a typo, and would otherwise be silently
+ignored), of its types, with values in the ranges below. `validate_config`
+raises `ConfigError` naming the first offending field, e.g.
+
+    config.data.vecap_prob=1.5: a probability must lie in [0, 1]
+
+The mesh and the batch are checked against the devices and processes the run
+will use, so a mesh that does not fit fails here rather than after the data
+and model are built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_collections
+
+# Fields whose keys are data, not schema (attribute names of eval labels).
+FREE_FORM = {"eval.templates"}
+
+
+class ConfigError(ValueError):
+    """A config field that is unknown, missing, of the wrong type or out of range."""
+
+
+def _base_config() -> ml_collections.ConfigDict:
+    from configs import base  # the schema lives with the configs
+
+    return base.get_config()
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, tuple | list):
+        return isinstance(value, tuple | list)
+    return isinstance(value, type(default))
+
+
+def _is_section(x: Any) -> bool:
+    return isinstance(x, ml_collections.ConfigDict | Mapping)
+
+
+def _check_schema(config: Any, schema: Any, prefix: str) -> None:
+    for key in config:
+        name = f"{prefix}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(str(key), [str(k) for k in schema], n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"config.{name} is not a field of configs/base.py{hint}")
+    for key, default in schema.items():
+        name = f"{prefix}{key}"
+        if key not in config:
+            raise ConfigError(f"config.{name} is missing (configs/base.py defines it)")
+        value = config[key]
+        if _is_section(default):
+            if not _is_section(value):
+                raise ConfigError(f"config.{name} must be a section (dict), got {value!r}")
+            if name not in FREE_FORM:
+                _check_schema(value, default, f"{name}.")
+        elif not _type_ok(value, default):
+            raise ConfigError(
+                f"config.{name}={value!r}: expected {type(default).__name__}, got {type(value).__name__}"
+            )
+
+
+Check = tuple[str, Callable[[Any], bool], str]
+
+
+def _positive(x: Any) -> bool:
+    return x >= 1
+
+
+def _prob(x: Any) -> bool:
+    return 0.0 <= x <= 1.0
+
+
+def _range_pair(lo_min: float, hi_max: float) -> Callable[[Any], bool]:
+    return lambda v: len(v) == 2 and lo_min < v[0] <= v[1] <= hi_max
+
+
+_RANGES: list[Check] = [
+    ("seed", lambda x: x >= 0, "must be >= 0"),
+    ("batch_size", _positive, "must be >= 1"),
+    ("total_steps", _positive, "must be >= 1"),
+    ("log_every", _positive, "must be >= 1"),
+    ("eval_every", lambda x: x >= 0, "must be >= 0 (0 = never)"),
+    ("checkpoint_every", lambda x: x >= 0, "must be >= 0 (0 = only at the end and on SIGTERM)"),
+    ("keep_checkpoints", _positive, "must be >= 1"),
+    ("max_nonfinite_steps", _positive, "must be >= 1"),
+    ("model.vision.image_size", _positive, "must be >= 1"),
+    ("model.vision.patch_size", _positive, "must be >= 1"),
+    ("model.vision.width", _positive, "must be >= 1"),
+    ("model.vision.layers", _positive, "must be >= 1"),
+    ("model.vision.heads", _positive, "must be >= 1"),
+    ("model.vision.mlp_dim", _positive, "must be >= 1"),
+    ("model.text.vocab_size", lambda x: x >= 2, "must be >= 2"),
+    ("model.text.context_length", lambda x: x >= 2, "must be >= 2 (text and end-of-text)"),
+    ("model.text.width", _positive, "must be >= 1"),
+    ("model.text.layers", _positive, "must be >= 1"),
+    ("model.text.heads", _positive, "must be >= 1"),
+    ("model.text.mlp_dim", _positive, "must be >= 1"),
+    ("model.text.pad_id", lambda x: x >= 0, "must be >= 0"),
+    ("model.text.eos_id", lambda x: x >= 0, "must be >= 0"),
+    ("model.embed_dim", _positive, "must be >= 1"),
+    ("model.act", lambda x: x in ("quick_gelu", "gelu"), "must be 'quick_gelu' or 'gelu'"),
+    ("model.layer_norm_eps", lambda x: x > 0, "must be > 0"),
+    ("model.dtype", lambda x: x in ("float32", "bfloat16"), "must be 'float32' or 'bfloat16'"),
+    ("model.remat", lambda x: x in ("none", "full", "dots", "dots_no_batch"), "must be a remat policy"),
+    ("model.attention", lambda x: x in ("auto", "xla", "cudnn"), "must be 'auto', 'xla' or 'cudnn'"),
+    ("model.logit_scale_init", math.isfinite, "must be finite"),
+    ("model.logit_scale_max", lambda x: x > 0, "must be > 0"),
+    ("mesh.data", lambda x: x >= 1 or x == -1, "must be a positive size or -1"),
+    ("mesh.fsdp", lambda x: x >= 1 or x == -1, "must be a positive size or -1"),
+    ("mesh.tensor", lambda x: x >= 1 or x == -1, "must be a positive size or -1"),
+    ("optim.learning_rate", lambda x: x > 0 and math.isfinite(x), "must be > 0"),
+    ("optim.warmup_steps", lambda x: x >= 0, "must be >= 0"),
+    ("optim.end_lr_ratio", _prob, "must lie in [0, 1]"),
+    ("optim.b1", lambda x: 0 <= x < 1, "must lie in [0, 1)"),
+    ("optim.b2", lambda x: 0 <= x < 1, "must lie in [0, 1)"),
+    ("optim.eps", lambda x: x > 0, "must be > 0"),
+    ("optim.weight_decay", lambda x: x >= 0, "must be >= 0"),
+    ("optim.grad_clip_norm", lambda x: x >= 0, "must be >= 0 (0 = off)"),
+    ("optim.grad_accum_steps", _positive, "must be >= 1"),
+    ("data.vecap_prob", _prob, "a probability must lie in [0, 1]"),
+    ("data.max_bad_fraction", _prob, "a fraction must lie in [0, 1]"),
+    ("data.bad_window", _positive, "must be >= 1"),
+    ("data.crop_scale", _range_pair(0.0, 1.0), "must be (low, high) with 0 < low <= high <= 1"),
+    ("data.crop_ratio", _range_pair(0.0, math.inf), "must be (low, high) with 0 < low <= high"),
+    ("data.decoder", lambda x: x in ("simplejpeg", "pil"), "must be 'simplejpeg' or 'pil'"),
+    ("data.num_workers", lambda x: x >= 0, "must be >= 0"),
+    ("data.num_threads", _positive, "must be >= 1"),
+    ("data.prefetch", _positive, "must be >= 1"),
+    ("eval.batch_size", _positive, "must be >= 1"),
+    ("eval.caption_field", lambda x: x in ("vecap_text", "alt_text"), "must be 'vecap_text' or 'alt_text'"),
+    ("eval.recall_at", lambda v: len(v) > 0 and all(k >= 1 for k in v), "must be ks >= 1"),
+]
+
+
+def _get(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def _check_ranges(config: Any) -> None:
+    for field, ok, why in _RANGES:
+        value = _get(config, field)
+        try:
+            good = bool(ok(value))
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise ConfigError(f"config.{field}={value!r}: {why}")
+    m = config.model
+    for tower in ("vision", "text"):
+        t = m[tower]
+        if t.width % t.heads:
+            raise ConfigError(f"config.model.{tower}.width={t.width} is not divisible by heads={t.heads}")
+    if m.vision.image_size % m.vision.patch_size:
+        raise ConfigError(
+            f"config.model.vision.image_size={m.vision.image_size} is not a multiple of "
+            f"patch_size={m.vision.patch_size}"
+        )
+    for name in ("pad_id", "eos_id"):
+        if m.text[name] >= m.text.vocab_size:
+            raise ConfigError(
+                f"config.model.text.{name}={m.text[name]} is outside vocab_size={m.text.vocab_size}"
+            )
+    if m.text.pad_id == m.text.eos_id:
+        raise ConfigError("config.model.text.eos_id must differ from pad_id")
+    warmup = config.optim.warmup_steps
+    if warmup >= config.total_steps:
+        raise ConfigError(f"config.optim.warmup_steps={warmup} must be < total_steps={config.total_steps}")
+    for attribute, templates in config.eval.templates.items():
+        if isinstance(templates, str) or not all(isinstance(t, str) and "{}" in t for t in templates):
+            raise ConfigError(f"config.eval.templates.{attribute}: a tuple of strings each holding '{{}}'")
+
+
+def _check_layout(config: Any, num_devices: int, process_count: int) -> None:
+    from veclip_jax.parallel.mesh import mesh_shape  # imports jax: keep this module light otherwise
+
+    try:
+        data, fsdp, _ = mesh_shape(config.mesh, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    shards = data * fsdp
+    b = config.batch_size
+    if b % shards:
+        raise ConfigError(f"config.batch_size={b} does not divide over data x fsdp = {shards} batch shards")
+    if b % process_count:
+        raise ConfigError(f"config.batch_size={b} does not divide over {process_count} processes")
+    k = config.optim.grad_accum_steps
+    if (b // shards) % k:
+        raise ConfigError(
+            f"config.optim.grad_accum_steps={k} does not divide the {b // shards} examples per batch shard"
+        )
+    if config.eval_every and config.eval.batch_size % shards:
+        raise ConfigError(
+            f"config.eval.batch_size={config.eval.batch_size} does not divide over {shards} batch shards"
+        )
+
+
+def validate_config(
+    config: ml_collections.ConfigDict,
+    *,
+    num_devices: int | None = None,
+    process_count: int = 1,
+) -> None:
+    """Raises ConfigError naming the first field that is unknown, missing, mistyped or out of range.
+
+    With `num_devices`, also checks that the mesh fits the devices and that the
+    batch splits over the batch shards, the processes and the accumulation steps.
+    """
+    _check_schema(config, _base_config(), "")
+    _check_ranges(config)
+    if num_devices is not None:
+        _check_layout(config, num_devices, process_count)
+
+
+def check_overrides(argv: list[str], flag: str = "config") -> None:
+    """Refuses `--config.FIELD=...` arguments that name no field of configs/base.py.
+
+    ml_collections would raise a bare AttributeError deep in flag parsing;
+    this names the argument and suggests the closest field.
+    """
+    schema = _base_config()
+    for arg in argv:
+        if not arg.startswith(f"--{flag}."):
+            continue
+        dotted = arg[len(flag) + 3 :].split("=", 1)[0]
+        node, seen = schema, []
+        for part in dotted.split("."):
+            if ".".join(seen) in FREE_FORM:
+                break
+            if not _is_section(node) or part not in node:
+                options = [str(k) for k in node] if _is_section(node) else []
+                close = difflib.get_close_matches(part, options, n=1)
+                where = ".".join([*seen, close[0]]) if close else ""
+                hint = f" (did you mean --{flag}.{where}?)" if close else ""
+                raise ConfigError(f"{arg}: config.{dotted} is not a field of configs/base.py{hint}")
+            node = node[part]
+            seen.append(part)

@@ -1,0 +1,159 @@
+"""Checkpoints with Orbax: parameters, optimizer state, the data iterator, metadata.
+
+A checkpoint is one Orbax `CheckpointManager` step directory under
+`WORKDIR/checkpoints/STEP/` holding four items:
+
+  params  the model parameters (sharded arrays; restorable alone, e.g. for init_from or export)
+  train   {"step", "opt_state", "nonfinite_steps"}: the rest of the TrainState
+  data    the grain iterator state, one file per process
+  meta    JSON: the loop step, the non-finite streak, the run's config
+
+Saves are asynchronous (the arrays are copied to host memory, then written in
+the background while training continues) and atomic: Orbax writes into
+`STEP.orbax-checkpoint-tmp` and renames it when every item is complete, so a
+save that fails or is interrupted never replaces the last good checkpoint;
+the temporary directory is removed the next time the manager opens.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from veclip_jax.train.state import TrainState
+
+CHECKPOINTS = "checkpoints"
+
+
+class Checkpointer:
+    """The run's CheckpointManager: save and restore whole train states with the data iterator."""
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.expanduser(directory))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,  # leftovers of an interrupted save
+        )
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._mngr.all_steps())
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(self, step: int, state: TrainState, data_iter: Any, meta: dict[str, Any]) -> None:
+        """Starts saving (returns once the arrays are copied off the devices); raises on failure."""
+        train = {"step": state.step, "opt_state": state.opt_state, "nonfinite_steps": state.nonfinite_steps}
+        self._mngr.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                train=ocp.args.StandardSave(train),
+                data=grain.checkpoint.CheckpointSave(data_iter),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+
+    def restore(
+        self, step: int, abstract_state: TrainState, data_iter: Any
+    ) -> tuple[TrainState, dict[str, Any]]:
+        """The train state at `step`, placed as `abstract_state` says; moves `data_iter` to its position."""
+        s = abstract_state
+        abstract_train = {"step": s.step, "opt_state": s.opt_state, "nonfinite_steps": s.nonfinite_steps}
+        r = self._mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(s.params),
+                train=ocp.args.StandardRestore(abstract_train),
+                data=grain.checkpoint.CheckpointRestore(data_iter),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        # Orbax rebuilds containers as plain tuples/dicts; put the leaves back into our structure.
+        params = jax.tree.unflatten(jax.tree.structure(s.params), jax.tree.leaves(r["params"]))
+        train = jax.tree.unflatten(jax.tree.structure(abstract_train), jax.tree.leaves(r["train"]))
+        state = TrainState(
+            step=train["step"],
+            params=params,
+            opt_state=train["opt_state"],
+            nonfinite_steps=train["nonfinite_steps"],
+        )
+        return state, dict(r["meta"])
+
+    def metadata(self, step: int) -> dict[str, Any]:
+        """The JSON metadata of a checkpoint (no arrays read)."""
+        return dict(self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+    def wait(self) -> None:
+        """Blocks until background saves are written; raises if one failed."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.close()
+
+
+def resolve_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
+    """(checkpoint root, step) for a workdir, a checkpoints directory or one step's directory.
+
+    Without `step` a root resolves to its newest complete checkpoint.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    if os.path.isdir(os.path.join(path, CHECKPOINTS)):
+        path = os.path.join(path, CHECKPOINTS)
+    base = os.path.basename(path)
+    if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
+        if step is not None and step != int(base):
+            raise ValueError(f"{path} is the checkpoint of step {base}, not {step}")
+        return os.path.dirname(path), int(base)
+    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        steps = list(mngr.all_steps())
+    finally:
+        mngr.close()
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint under {path}")
+    if step is None:
+        return path, max(steps)
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint of step {step} under {path} (steps: {sorted(steps)})")
+    return path, step
+
+
+def restore_params(
+    path: str, abstract_params: Any | None = None, *, step: int | None = None
+) -> tuple[Any, dict]:
+    """(params, meta) of a checkpoint of ours (see `resolve_checkpoint` for `path`).
+
+    `abstract_params` (ShapeDtypeStructs with shardings) says where to put the
+    arrays and must match the checkpoint's shapes; None restores them as saved
+    onto this process's devices (for inspection and export).
+    """
+    root, step = resolve_checkpoint(path, step)
+    mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        params_arg = ocp.args.StandardRestore(abstract_params) if abstract_params is not None else None
+        if params_arg is None:
+            r = mngr.restore(
+                step, args=ocp.args.Composite(params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+            )
+            params = r["params"]
+        else:
+            r = mngr.restore(step, args=ocp.args.Composite(params=params_arg, meta=ocp.args.JsonRestore()))
+            params = jax.tree.unflatten(jax.tree.structure(abstract_params), jax.tree.leaves(r["params"]))
+    finally:
+        mngr.close()
+    return params, dict(r["meta"], checkpoint=os.path.join(root, str(step)), step=step)
