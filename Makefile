@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo demo-table clean
 
 $(BIN)/.installed: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -19,11 +19,19 @@ lint: setup
 test: setup lint
 	$(BIN)/python -m pytest -q tests
 
-# Until the training loop lands (issue #4): generate the demo data, then time
-# the train step of the tiny model on this machine.
+# The main job: train configs/demo.py on the embedded demo data (generated on
+# first use), then print its evaluation table. Rerunning resumes (or, when
+# finished, only prints the table); `rm -rf workdir/demo` starts over.
 demo: setup
-	$(BIN)/python -m veclip_jax.data.demo
-	$(BIN)/python -m veclip_jax.bench.step --config=configs/base.py
+	$(BIN)/python launch/train.py --config=configs/demo.py --workdir=workdir/demo
+
+# The README's demo table: the three caption mixes (AltText only, the VeCLIP
+# mix, VeCap only), trained one after the other, side by side.
+demo-table: setup
+	for v in alttext mixed vecap; do \
+	  $(BIN)/python launch/train.py --config=configs/demo_$$v.py --workdir=workdir/demo_$$v || exit 1; \
+	done
+	$(BIN)/python -m veclip_jax.eval.report workdir/demo_alttext workdir/demo_mixed workdir/demo_vecap
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .cache

@@ -32,3 +32,23 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "slow" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> str:
+    """A data.cache_dir holding the demo data, generated once per session."""
+    from veclip_jax.data.demo import ensure_demo_data
+
+    cache = str(tmp_path_factory.mktemp("demo_cache"))
+    ensure_demo_data(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_run(demo_cache, tmp_path_factory):
+    """(workdir, TrainResult) of one finished tiny run (8 fake devices), keeping only its last checkpoint."""
+    from tests.helpers import tiny_run_config
+    from veclip_jax.train import loop
+
+    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    return workdir, loop.train(tiny_run_config(demo_cache, keep_checkpoints=1), workdir)

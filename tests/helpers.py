@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from configs import base
+from configs import base, tiny
 
 
 def tiny_config(**optim):
@@ -25,3 +25,15 @@ def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray
         row[n] = t.eos_id
         row[n + 1 :] = t.pad_id
     return {"image": images, "tokens": tokens}
+
+
+TINY_RUN_STEPS = 8  # steps of the shared run; it checkpoints and evaluates at half and at the end
+
+
+def tiny_run_config(demo_cache: str, **fields):
+    """configs/tiny.py on the cached demo data, TINY_RUN_STEPS steps, saving and evaluating every half."""
+    c = tiny.get_config()
+    c.data.cache_dir = demo_cache
+    half = TINY_RUN_STEPS // 2
+    c.update(dict(total_steps=TINY_RUN_STEPS, checkpoint_every=half, eval_every=half) | fields)
+    return c

@@ -81,7 +81,7 @@ def _with(**changes):
         (dict(data__crop_scale=(0.9, 1.5)), "config.data.crop_scale"),
         (dict(model__vision__patch_size=5), "config.model.vision.image_size"),
         (dict(model__text__heads=3), "config.model.text.width"),
-        (dict(model__text__eos_id=0), "config.model.text.eos_id"),
+        (dict(model__text__eos_id=5000), "config.model.text.eos_id"),
         (dict(model__dtype="float16"), "config.model.dtype"),
         (dict(mesh__data=0), "config.mesh.data"),
         (dict(eval__caption_field="caption"), "config.eval.caption_field"),

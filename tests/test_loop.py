@@ -16,33 +16,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import tiny
+from tests.helpers import TINY_RUN_STEPS, tiny_run_config
 from veclip_jax.train import loop
 from veclip_jax.train.checkpoint import Checkpointer, restore_params
 from veclip_jax.train.metrics import MetricsWriter, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
-K = 4  # steps before the interruption in the resume tests
-
-
-@pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory) -> str:
-    from veclip_jax.data.demo import ensure_demo_data
-
-    cache = str(tmp_path_factory.mktemp("demo_cache"))
-    ensure_demo_data(cache)
-    return cache
+K = TINY_RUN_STEPS // 2  # steps before the interruption in the resume tests
 
 
 def _config(demo_cache: str, **fields):
-    c = tiny.get_config()
-    c.data.cache_dir = demo_cache
-    c.total_steps = 2 * K
-    c.checkpoint_every = K
-    c.eval_every = K
-    c.update(fields)
-    return c
+    return tiny_run_config(demo_cache, **fields)
 
 
 def _losses(workdir: str) -> list[float]:
@@ -51,11 +36,9 @@ def _losses(workdir: str) -> list[float]:
     return [m["loss"] for m in lines]
 
 
-@pytest.fixture(scope="module")
-def straight(demo_cache, tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("straight"))
-    result = loop.train(_config(demo_cache, keep_checkpoints=1), workdir)
-    return workdir, result
+@pytest.fixture()
+def straight(tiny_run):
+    return tiny_run
 
 
 # --- exact resume -------------------------------------------------------------------------------

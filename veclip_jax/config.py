@@ -181,8 +181,6 @@ def _check_ranges(config: Any) -> None:
             raise ConfigError(
                 f"config.model.text.{name}={m.text[name]} is outside vocab_size={m.text.vocab_size}"
             )
-    if m.text.pad_id == m.text.eos_id:
-        raise ConfigError("config.model.text.eos_id must differ from pad_id")
     warmup = config.optim.warmup_steps
     if warmup >= config.total_steps:
         raise ConfigError(f"config.optim.warmup_steps={warmup} must be < total_steps={config.total_steps}")

@@ -16,6 +16,7 @@ two.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -186,23 +187,28 @@ def normalize(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """Evaluation preprocessing: shorter side to `size` (bicubic), centre `size` x `size` crop.
-
-    uint8 [size, size, 3]. The arithmetic is HF `CLIPImageProcessor`'s
-    (shortest_edge = crop = size): the longer side becomes
-    int(size * long / short), the crop starts at (extent - size) // 2, so an
-    exported model's processor sees the same pixels as our evaluation.
-    """
-    image = image.convert("RGB")
+def _resize_shorter_side(image: Image.Image, size: int, resample: int) -> Image.Image:
+    """Shorter side to `size`, the longer to int(size * long / short): HF CLIPImageProcessor's rule."""
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), _RESAMPLE)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)))
+    return image if (new_w, new_h) == (w, h) else image.resize((new_w, new_h), resample)
+
+
+def _center_crop(arr: np.ndarray, size: int) -> np.ndarray:
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """Evaluation preprocessing: shorter side to `size` (bicubic), centre `size` x `size` crop.
+
+    uint8 [size, size, 3]. The arithmetic is HF `CLIPImageProcessor`'s
+    (shortest_edge = crop = size; the crop starts at (extent - size) // 2), so
+    an exported model's processor sees the same pixels as our evaluation.
+    """
+    return _center_crop(np.asarray(_resize_shorter_side(image.convert("RGB"), size, _RESAMPLE)), size)
 
 
 def decode_eval_image(data: bytes, size: int) -> np.ndarray:
@@ -216,3 +222,69 @@ def decode_eval_image(data: bytes, size: int) -> np.ndarray:
         raise
     except Exception as e:
         raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
+
+
+def _bilinear_axis(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source rows (lower, upper) and weights of half-pixel-centre bilinear sampling, no antialias."""
+    # float32 coordinates, as TF's (and torch's) kernels compute them
+    scale = np.float32(in_size) / np.float32(out_size)
+    x = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    floor = np.floor(x)
+    lower = np.clip(floor, 0, in_size - 1).astype(np.int64)
+    upper = np.clip(np.ceil(x), 0, in_size - 1).astype(np.int64)
+    return lower, upper, (x - floor).astype(np.float32)
+
+
+def bilinear_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """float32 [height, width, C]: TF2 `tf.image.resize(method="bilinear", antialias=False)`.
+
+    Half-pixel centres, edge samples clamped, no antialiasing, no rounding of
+    the result: what VeCLIP's released evaluation (`clip_processor.py`) uses,
+    and torch's `interpolate(mode="bilinear", align_corners=False)` too.
+    """
+    img = np.asarray(image, np.float32)
+    lo, hi, t = _bilinear_axis(height, img.shape[0])
+    img = img[lo] + (img[hi] - img[lo]) * t[:, None, None]
+    lo, hi, t = _bilinear_axis(width, img.shape[1])
+    return img[:, lo] + (img[:, hi] - img[:, lo]) * t[None, :, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPreprocess:
+    """An image (PIL or uint8 HWC array, any size) -> float32 [crop, crop, 3], normalised.
+
+    method "bicubic": `resize_center_crop` (HF CLIPImageProcessor's arithmetic,
+    PIL bicubic; what we train-evaluate and export with). "bilinear": PIL
+    bilinear, same arithmetic. "tf_bilinear": VeCLIP's released evaluation
+    (shorter side to `size` by `bilinear_resize`, the longer side rounded
+    half-to-even as TF does, a centre crop, float pixels throughout).
+    """
+
+    size: int  # the shorter side after resizing
+    crop: int
+    method: str = "bicubic"
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        if self.method not in ("bicubic", "bilinear", "tf_bilinear"):
+            raise ValueError(f"unknown resize method {self.method!r}")
+        if self.crop > self.size:
+            raise ValueError(f"crop {self.crop} is larger than the resized shorter side {self.size}")
+
+    def _resized(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        if self.method == "tf_bilinear":
+            arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+            h, w = arr.shape[:2]
+            scale = np.float32(self.size) / np.float32(min(h, w))
+            new_h, new_w = (int(np.round(scale * np.float32(d))) for d in (h, w))
+            return bilinear_resize(arr, new_h, new_w)
+        pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+        resample = _RESAMPLE if self.method == "bicubic" else Image.Resampling.BILINEAR
+        return np.asarray(_resize_shorter_side(pil.convert("RGB"), self.size, resample), np.float32)
+
+    def __call__(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        arr = _center_crop(self._resized(image), self.crop)
+        mean = np.asarray(self.mean, np.float32) * 255.0
+        std = np.asarray(self.std, np.float32) * 255.0
+        return (arr - mean) / std

@@ -47,7 +47,7 @@ import numpy as np
 from grain.experimental import ThreadPrefetchIterDataset
 
 from veclip_jax.data import captions, image_ops, records, seeds
-from veclip_jax.data.tokenizer import Tokenizer
+from veclip_jax.data.tokenizer import HFTokenizer, Tokenizer, is_hf_tokenizer_dir, load_tokenizer
 
 if TYPE_CHECKING:  # not imported at run time: worker processes unpickle this module
     import ml_collections
@@ -111,7 +111,7 @@ class _TagEpoch(grain.transforms.MapWithIndex):
 class Preprocess(grain.transforms.Map):
     """One record visit -> {"image": float32 [S, S, 3], "tokens": int32 [L]}, or Skipped."""
 
-    def __init__(self, spec: ExampleSpec, tokenizer: Tokenizer):
+    def __init__(self, spec: ExampleSpec, tokenizer: Tokenizer | HFTokenizer):
         self.spec = spec
         self.tokenizer = tokenizer
 
@@ -334,8 +334,10 @@ def resolve_sources(config: ml_collections.ConfigDict) -> DataSources:
         files = list(demo_data.train_files)
     if d.tokenizer:
         tok = os.path.expanduser(d.tokenizer)
-        if not os.path.isfile(tok):
-            raise FileNotFoundError(f"data.tokenizer not found: {tok}")
+        if not os.path.isfile(tok) and not is_hf_tokenizer_dir(tok):
+            raise FileNotFoundError(
+                f"data.tokenizer is neither a sentencepiece model nor a HF tokenizer directory: {tok}"
+            )
     else:
         tok = demo_data.tokenizer
         if d.train_files:
@@ -405,7 +407,7 @@ def make_train_dataset(
 
     src = resolve_sources(config)
     text = config.model.text
-    tokenizer = Tokenizer(src.tokenizer, text.context_length, pad_id=text.pad_id, eos_id=text.eos_id)
+    tokenizer = load_tokenizer(src.tokenizer, text.context_length, pad_id=text.pad_id, eos_id=text.eos_id)
     if tokenizer.vocab_size > text.vocab_size:
         raise ValueError(
             f"tokenizer {src.tokenizer} has {tokenizer.vocab_size} ids but model.text.vocab_size is "

@@ -146,6 +146,73 @@ class Tokenizer:
         return self._sp.decode([i for i in ids if i != self.pad_id])
 
 
+class HFTokenizer:
+    """A HuggingFace tokenizer directory (e.g. OpenAI CLIP's BPE) behind `Tokenizer`'s interface.
+
+    Rows are what `tokenizer(texts, padding="max_length", truncation=True,
+    max_length=context_length)` gives: the tokenizer's own begin/end tokens,
+    its padding. `eos_id` must be its end-of-text id (the model pools there).
+    """
+
+    def __init__(self, directory: str | os.PathLike, context_length: int, *, eos_id: int):
+        from transformers import AutoTokenizer
+
+        self.directory = os.path.expanduser(os.fspath(directory))
+        self._tok = AutoTokenizer.from_pretrained(self.directory)
+        if self._tok.eos_token_id != eos_id:
+            raise ValueError(
+                f"tokenizer {self.directory} ends texts with id {self._tok.eos_token_id}, "
+                f"the model config expects end-of-text {eos_id} (model.text.eos_id)"
+            )
+        self.context_length = int(context_length)
+        self.eos_id = int(eos_id)
+        self.pad_id = int(self._tok.pad_token_id if self._tok.pad_token_id is not None else eos_id)
+        if self._tok.pad_token_id is None:
+            self._tok.pad_token_id = self.pad_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
+        """int32 [len(texts), context_length]."""
+        enc = self._tok(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="np",
+        )
+        return np.asarray(enc["input_ids"], np.int32)
+
+    def encode_padded(self, text: str) -> np.ndarray:
+        return self.encode_batch([text])[0]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save(self, directory: str) -> None:
+        """Writes the tokenizer's files (AutoTokenizer loads them back)."""
+        self._tok.save_pretrained(directory)
+
+
+def is_hf_tokenizer_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory holding a HuggingFace tokenizer."""
+    p = os.path.expanduser(os.fspath(path))
+    return os.path.isdir(p) and any(
+        os.path.exists(os.path.join(p, f)) for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    )
+
+
+def load_tokenizer(
+    path: str | os.PathLike, context_length: int, *, pad_id: int, eos_id: int
+) -> Tokenizer | HFTokenizer:
+    """A sentencepiece model file (T5 convention), or a HuggingFace tokenizer directory."""
+    if is_hf_tokenizer_dir(path):
+        return HFTokenizer(path, context_length, eos_id=eos_id)
+    return Tokenizer(path, context_length, pad_id=pad_id, eos_id=eos_id)
+
+
 def train_tokenizer(
     texts: Iterable[str],
     out: str | os.PathLike,

@@ -133,6 +133,17 @@ def resolve_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
     return path, step
 
 
+def read_metadata(path: str, step: int | None = None) -> dict[str, Any]:
+    """A checkpoint's JSON metadata (config, step; no arrays read), `path` as in `resolve_checkpoint`."""
+    root, step = resolve_checkpoint(path, step)
+    mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    finally:
+        mngr.close()
+    return dict(meta, checkpoint=os.path.join(root, str(step)), step=step)
+
+
 def restore_params(
     path: str, abstract_params: Any | None = None, *, step: int | None = None
 ) -> tuple[Any, dict]:

@@ -19,6 +19,7 @@ non-finite streaks).
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import logging
 import math
 import os
@@ -34,9 +35,10 @@ import numpy as np
 
 from veclip_jax.config import ConfigError, validate_config
 from veclip_jax.data.pipeline import BAD_REASONS, make_train_iterator, resolve_sources
-from veclip_jax.data.tokenizer import Tokenizer
+from veclip_jax.data.tokenizer import load_tokenizer
 from veclip_jax.eval.encoders import Encoders
 from veclip_jax.eval.evaluator import Evaluator, load_labelled_set
+from veclip_jax.export.hf import check_same_model, import_params, is_hf_clip_dir
 from veclip_jax.models.clip import build_model
 from veclip_jax.parallel.mesh import make_mesh
 from veclip_jax.train.checkpoint import CHECKPOINTS, Checkpointer, restore_params
@@ -48,6 +50,7 @@ from veclip_jax.train.step import make_train_step
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "spiece.model"  # the run's tokenizer, copied into the workdir
+TOKENIZER_DIR = "tokenizer"  # ... or, for a HF tokenizer, its directory
 CONFIG_FILE = "config.json"
 
 
@@ -114,23 +117,32 @@ def _host_bad_counts(train_iter: Any) -> dict[str, int]:
     return {r: int(c) for r, c in zip(BAD_REASONS, counts, strict=True)}
 
 
-def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict, tokenizer_file: str) -> None:
-    """Writes config.json and copies the tokenizer in (process 0); refuses a tokenizer change."""
+def _keep_tokenizer(workdir: str, tokenizer_path: str) -> str:
+    """Keeps a copy of the run's tokenizer in the workdir (process 0); returns the copy's path.
+
+    The copy (a sentencepiece model as spiece.model, or a HF tokenizer directory
+    as tokenizer/) makes the workdir self-contained for export and
+    `veclip_jax.load`. A resumed run must use the same tokenizer.
+    """
     os.makedirs(workdir, exist_ok=True)
-    kept = os.path.join(workdir, TOKENIZER_FILE)
+    is_dir = os.path.isdir(tokenizer_path)
+    kept = os.path.join(workdir, TOKENIZER_DIR if is_dir else TOKENIZER_FILE)
     if os.path.exists(kept):
-        with open(kept, "rb") as a, open(tokenizer_file, "rb") as b:
-            if a.read() != b.read():
-                raise ConfigError(
-                    f"config.data.tokenizer ({tokenizer_file}) differs from the tokenizer this workdir was "
-                    f"trained with ({kept}); use a new workdir, or the same tokenizer"
-                )
+        if not is_dir and not filecmp.cmp(kept, tokenizer_path, shallow=False):
+            raise ConfigError(
+                f"config.data.tokenizer ({tokenizer_path}) differs from the tokenizer this workdir was "
+                f"trained with ({kept}); use a new workdir, or the same tokenizer"
+            )
     elif jax.process_index() == 0:
-        shutil.copyfile(tokenizer_file, kept + ".tmp")
-        os.replace(kept + ".tmp", kept)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+        tmp = f"{kept}.tmp{os.getpid()}"
+        if is_dir:
+            shutil.copytree(
+                tokenizer_path, tmp, ignore=lambda d, names: [n for n in names if n.endswith(".safetensors")]
+            )
+        else:
+            shutil.copyfile(tokenizer_path, tmp)
+        os.replace(tmp, kept)
+    return kept
 
 
 def _check_same_model(config: ml_collections.ConfigDict, meta: dict[str, Any], step: int) -> None:
@@ -164,6 +176,11 @@ def train(
     # --- config: refused before any compute ----------------------------------------------------
     devices = list(devices if devices is not None else jax.devices())
     validate_config(config, num_devices=len(devices), process_count=jax.process_count())
+    if config.init_from and is_hf_clip_dir(config.init_from):
+        try:
+            check_same_model(config.init_from, config.model)
+        except ValueError as e:
+            raise ConfigError(f"config.init_from: {e}") from None
     workdir = os.path.abspath(os.path.expanduser(workdir))
     is_writer = jax.process_index() == 0
     total = config.total_steps
@@ -175,9 +192,9 @@ def train(
 
     # --- input (generates the demo data on first use) ---------------------------------------------
     sources = resolve_sources(config)
-    _prepare_workdir(workdir, config, sources.tokenizer)
+    _keep_tokenizer(workdir, sources.tokenizer)
     text_cfg = config.model.text
-    tokenizer = Tokenizer(
+    tokenizer = load_tokenizer(
         sources.tokenizer, text_cfg.context_length, pad_id=text_cfg.pad_id, eos_id=text_cfg.eos_id
     )
     train_iter = make_train_iterator(config)
@@ -208,9 +225,16 @@ def train(
             state = init_train_state(model, tx, mesh, jax.random.key(config.seed)).state
             if config.init_from:
                 abstract_params = abstract_train_state(model, tx, shardings).params
-                params, meta = restore_params(config.init_from, abstract_params)
+                if is_hf_clip_dir(config.init_from):
+                    params = import_params(config.init_from, abstract_params)
+                    log.info("parameters from the HF CLIP directory %s", config.init_from)
+                else:
+                    params, meta = restore_params(config.init_from, abstract_params)
+                    log.info("parameters from %s (step %s)", meta["checkpoint"], meta["step"])
                 state = state.replace(params=params)
-                log.info("parameters from %s (step %s)", meta["checkpoint"], meta["step"])
+        if is_writer:  # the config this workdir now runs (after the resume checks passed)
+            with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+                f.write(config.to_json_best_effort(indent=1, sort_keys=True))
         if start >= total:
             log.info("step %d >= total_steps=%d: nothing to train", start, total)
         nonfinite_total = int(state.nonfinite_steps)
