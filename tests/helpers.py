@@ -37,3 +37,10 @@ def tiny_run_config(demo_cache: str, **fields):
     half = TINY_RUN_STEPS // 2
     c.update(dict(total_steps=TINY_RUN_STEPS, checkpoint_every=half, eval_every=half) | fields)
     return c
+
+
+def multihost_loop_config(demo_cache: str):
+    """The two-host loop test's run: data=2 x fsdp=4 over 8 devices, saving and evaluating midway."""
+    c = tiny_run_config(demo_cache, total_steps=6, checkpoint_every=3, eval_every=3)
+    c.mesh.update(data=2, fsdp=4, tensor=1)
+    return c
