@@ -378,7 +378,7 @@ def train(
                         last_step, ckpt.step_dir(last_step))  # fmt: skip
         if is_writer and last_step > start:
             took = time.perf_counter() - run_start
-            log.info("done: step %d in %s (%s of it this call)", last_step, workdir, _duration(took))
+            log.info("done: step %d of %d in %s (this call: %s)", last_step, total, workdir, _duration(took))
         return TrainResult(
             step=last_step,
             start_step=start,
