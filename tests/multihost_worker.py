@@ -1,6 +1,6 @@
 """One process of the multi-host test (tests/test_multihost.py): 4 CPU devices each.
 
-Usage: python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.json
+Usage: python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.json ("{}" in OUT: the process id)
 """
 
 import json
@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def main() -> None:
-    pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4].format(sys.argv[1])
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
     from tests.helpers import random_batch, tiny_config
     from veclip_jax.models.clip import build_model

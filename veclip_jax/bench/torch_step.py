@@ -15,42 +15,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from veclip_jax.export.hf import hf_config
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
-
-
-def hf_config(model_cfg):
-    """A transformers.CLIPConfig with our towers' sizes."""
-    import transformers
-
-    v, t = model_cfg.vision, model_cfg.text
-    return transformers.CLIPConfig(
-        projection_dim=model_cfg.embed_dim,
-        logit_scale_init_value=model_cfg.logit_scale_init,
-        vision_config=dict(
-            hidden_size=v.width,
-            intermediate_size=v.mlp_dim,
-            num_hidden_layers=v.layers,
-            num_attention_heads=v.heads,
-            image_size=v.image_size,
-            patch_size=v.patch_size,
-            hidden_act=model_cfg.act,
-            layer_norm_eps=model_cfg.layer_norm_eps,
-        ),
-        text_config=dict(
-            vocab_size=t.vocab_size,
-            hidden_size=t.width,
-            intermediate_size=t.mlp_dim,
-            num_hidden_layers=t.layers,
-            num_attention_heads=t.heads,
-            max_position_embeddings=t.context_length,
-            hidden_act=model_cfg.act,
-            layer_norm_eps=model_cfg.layer_norm_eps,
-            pad_token_id=t.pad_id,
-            eos_token_id=t.eos_id,
-            bos_token_id=t.eos_id,
-        ),
-    )
 
 
 def main(_: list[str]) -> None:
@@ -59,7 +27,7 @@ def main(_: list[str]) -> None:
 
     config = _CONFIG.value
     torch.manual_seed(config.seed)
-    model = transformers.CLIPModel(hf_config(config.model)).train()
+    model = transformers.CLIPModel(hf_config(config.model)).train()  # the exporter's config: same model
     o = config.optim
     opt = torch.optim.AdamW(
         model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay
