@@ -156,10 +156,11 @@ def test_paper_sizes_export_exactly(size, tiny_run, tmp_path):
     model = build_model(cfg)
     params = jax.jit(lambda r: model.init(r, *dummy_inputs(model))["params"])(jax.random.key(1))
     params = jax.tree.map(np.asarray, __import__("flax").linen.unbox(params))
-    spm = os.path.join(tiny_run[0], "spiece.model")
-    out = save_hf_directory(str(tmp_path / "hf"), params, cfg, spm)
     t = cfg.text
-    tok = Tokenizer(spm, t.context_length, pad_id=t.pad_id, eos_id=t.eos_id)
+    tok = Tokenizer(
+        os.path.join(tiny_run[0], "spiece.model"), t.context_length, pad_id=t.pad_id, eos_id=t.eos_id
+    )
+    out = save_hf_directory(str(tmp_path / "hf"), params, cfg, tok)
     S = cfg.vision.image_size
     ours = LoadedCLIP(model, params, cfg, tok, EvalPreprocess(S, S), "random", batch_size=2)
     del params
@@ -309,3 +310,37 @@ def test_training_starts_from_a_hf_directory(tmp_path, demo_cache):
     config.model.embed_dim = 48
     with pytest.raises(loop.ConfigError, match=r"config\.init_from: config\.model\.embed_dim=48"):
         loop.train(config, str(tmp_path / "other"))
+
+
+def test_a_clip_with_its_bpe_tokenizer_fine_tunes_and_exports(tmp_path, demo_cache):
+    """Import (weights, BPE tokenizer) -> train on our data with that tokenizer -> export -> transformers."""
+    d = str(tmp_path / "clip")
+    tok = _clip_bpe_tokenizer(str(tmp_path / "bpe"))
+    # configs/tiny.py's sizes
+    _random_hf_clip(
+        d, act="quick_gelu", vocab=1024, eos=tok.eos_token_id, pad=tok.pad_token_id, context=32,
+        projection_dim=32, vision=dict(hidden_size=64, intermediate_size=256),
+        text=dict(intermediate_size=256),
+    )  # fmt: skip
+    tok.save_pretrained(d)
+    config = tiny_run_config(demo_cache, total_steps=3, eval_every=3, init_from=d)
+    config.data.tokenizer = d
+    config.model.text.update(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    workdir = str(tmp_path / "run")
+    result = loop.train(config, workdir)
+    assert result.eval  # evaluated with the BPE tokenizer's prompts
+    assert os.path.isdir(os.path.join(workdir, "tokenizer"))  # the workdir keeps it
+
+    out = export_checkpoint(workdir, str(tmp_path / "exported"))
+    ours = veclip_jax.load(workdir)
+    hf = transformers.CLIPModel.from_pretrained(out).eval()
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    ids = processor.tokenizer(
+        TEXTS, padding="max_length", truncation=True, max_length=32, return_tensors="pt"
+    )
+    np.testing.assert_array_equal(ids["input_ids"].numpy(), ours.tokenize(TEXTS))
+    images = _images(demo.ensure_demo_data(demo_cache))
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    hf_img, hf_txt = _hf_embeddings(hf, pixels, ids["input_ids"], ids["attention_mask"])
+    assert _max_diff(hf_img, ours.encode_image(images)) < TOL
+    assert _max_diff(hf_txt, ours.encode_text(TEXTS)) < TOL

@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -174,6 +175,11 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return len(self._tok)
 
+    @property
+    def hf(self) -> Any:
+        """The transformers tokenizer itself."""
+        return self._tok
+
     def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
         """int32 [len(texts), context_length]."""
         enc = self._tok(
@@ -190,10 +196,6 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
-
-    def save(self, directory: str) -> None:
-        """Writes the tokenizer's files (AutoTokenizer loads them back)."""
-        self._tok.save_pretrained(directory)
 
 
 def is_hf_tokenizer_dir(path: str | os.PathLike) -> bool:

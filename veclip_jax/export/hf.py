@@ -271,16 +271,31 @@ def _publish_permissions(directory: str) -> None:
         os.chmod(os.path.join(directory, name), 0o666 & ~umask)
 
 
+def hf_tokenizer(tokenizer: Any, context_length: int) -> Any:
+    """A transformers tokenizer that tokenises as ours: a HF tokenizer as it is, or our
+    sentencepiece model as a T5 tokenizer (same ids, `</s>` appended, padding 0)."""
+    import transformers
+
+    if hasattr(tokenizer, "hf"):  # veclip_jax.data.tokenizer.HFTokenizer
+        return tokenizer.hf
+    with tempfile.TemporaryDirectory() as spm_dir:
+        with open(os.path.join(spm_dir, "spiece.model"), "wb") as f:
+            f.write(tokenizer.model_proto)
+        # T5Tokenizer in transformers 5 converts the sentencepiece model only in from_pretrained.
+        return transformers.T5Tokenizer.from_pretrained(spm_dir, extra_ids=0, model_max_length=context_length)
+
+
 def save_hf_directory(
     out: str,
     params: Any,
     model_cfg: Any,
-    tokenizer_file: str,
+    tokenizer: Any,
     *,
     force: bool = False,
 ) -> str:
-    """Writes a transformers CLIP directory for our parameters; returns its path.
+    """Writes a transformers CLIP directory for our parameters and tokenizer; returns its path.
 
+    `tokenizer` is the run's (veclip_jax.data.tokenizer: Tokenizer or HFTokenizer).
     Written into a temporary sibling and renamed into place, so `out` is never
     left half-written. Refuses an existing `out` unless `force`.
     """
@@ -297,14 +312,7 @@ def save_hf_directory(
         hf_config(model_cfg).save_pretrained(tmp)
         tensors = params_to_hf(params, model_cfg.logit_scale_max)
         safetensors.numpy.save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
-
-        context = model_cfg.text.context_length
-        with tempfile.TemporaryDirectory() as spm_dir:
-            shutil.copyfile(tokenizer_file, os.path.join(spm_dir, "spiece.model"))
-            # T5Tokenizer in transformers 5 converts the sentencepiece model only in from_pretrained.
-            tokenizer = transformers.T5Tokenizer.from_pretrained(
-                spm_dir, extra_ids=0, model_max_length=context
-            )
+        tokenizer = hf_tokenizer(tokenizer, model_cfg.text.context_length)
         size = model_cfg.vision.image_size
         image_processor = transformers.CLIPImageProcessorPil(
             size={"shortest_edge": size},
@@ -362,15 +370,9 @@ def export_checkpoint(checkpoint: str, out: str, *, step: int | None = None, for
     if os.path.exists(os.path.expanduser(out)) and not force:
         raise FileExistsError(f"{out} exists: pass --force to replace it")  # before loading anything
     loaded = load(checkpoint, step=step)
-    tokenizer = loaded.tokenizer
-    if not hasattr(tokenizer, "model_proto"):
-        raise NotImplementedError("export of runs trained with a HF tokenizer directory is not supported yet")
-    with tempfile.TemporaryDirectory() as d:
-        spm = os.path.join(d, "spiece.model")
-        with open(spm, "wb") as f:
-            f.write(tokenizer.model_proto)
-        params = jax_to_numpy(loaded.params)
-        return save_hf_directory(out, params, loaded.model_config, spm, force=force)
+    return save_hf_directory(
+        out, jax_to_numpy(loaded.params), loaded.model_config, loaded.tokenizer, force=force
+    )
 
 
 def jax_to_numpy(tree: Any) -> Any:
