@@ -150,21 +150,19 @@ def restore_params(
     """(params, meta) of a checkpoint of ours (see `resolve_checkpoint` for `path`).
 
     `abstract_params` (ShapeDtypeStructs with shardings) says where to put the
-    arrays and must match the checkpoint's shapes; None restores them as saved
-    onto this process's devices (for inspection and export).
+    arrays and must match the checkpoint's shapes; None restores them with the
+    shardings they were saved with (those devices must exist here).
     """
     root, step = resolve_checkpoint(path, step)
     mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
     try:
-        params_arg = ocp.args.StandardRestore(abstract_params) if abstract_params is not None else None
-        if params_arg is None:
-            r = mngr.restore(
-                step, args=ocp.args.Composite(params=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
-            )
-            params = r["params"]
-        else:
-            r = mngr.restore(step, args=ocp.args.Composite(params=params_arg, meta=ocp.args.JsonRestore()))
-            params = jax.tree.unflatten(jax.tree.structure(abstract_params), jax.tree.leaves(r["params"]))
+        args = ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()
+        )
+        r = mngr.restore(step, args=args)
     finally:
         mngr.close()
+    params = r["params"]
+    if abstract_params is not None:  # Orbax gives plain containers: our structure back
+        params = jax.tree.unflatten(jax.tree.structure(abstract_params), jax.tree.leaves(params))
     return params, dict(r["meta"], checkpoint=os.path.join(root, str(step)), step=step)
