@@ -36,7 +36,8 @@ from PIL import Image
 from veclip_jax.data.image_ops import CLIP_MEAN, CLIP_STD, EvalPreprocess
 from veclip_jax.data.tokenizer import HFTokenizer, Tokenizer, is_hf_tokenizer_dir, load_tokenizer
 from veclip_jax.eval.encoders import Encoders
-from veclip_jax.models.clip import CLIP, build_model, dummy_inputs
+from veclip_jax.models.clip import CLIP, build_model
+from veclip_jax.train.state import abstract_params
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +90,6 @@ class LoadedCLIP:
         return self._encoders.images(self.params, np.stack([self.preprocess(im) for im in images]))
 
 
-def _abstract_params(model: CLIP) -> Any:
-    import flax.linen as nn
-
-    shapes = jax.eval_shape(lambda r: model.init(r, *dummy_inputs(model))["params"], jax.random.key(0))
-    return nn.unbox(shapes)
-
-
 def _find_workdir_tokenizer(checkpoint_dir: str) -> str:
     """The tokenizer a run kept in its workdir (spiece.model or tokenizer/), above its checkpoints."""
     from veclip_jax.train.loop import TOKENIZER_DIR, TOKENIZER_FILE
@@ -117,7 +111,7 @@ def _load_ours(path: str, step: int | None, tokenizer: str | None, batch_size: i
     model = build_model(model_cfg)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), _abstract_params(model)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params(model)
     )
     params, meta = restore_params(path, abstract, step=meta["step"])
     t = model_cfg.text
@@ -198,7 +192,7 @@ def import_hf(
         pad = text.pad_token_id if text.pad_token_id is not None else 0
         tok = Tokenizer(tok_path, text.max_position_embeddings, pad_id=pad, eos_id=eos)
     model_cfg = model_config_from_hf(hf_cfg, eos_id=eos, pad_id=pad)
-    params = params_from_hf(load_hf_state_dict(hf_dir), _abstract_params(build_model(model_cfg)))
+    params = params_from_hf(load_hf_state_dict(hf_dir), abstract_params(build_model(model_cfg)))
     return model_cfg, params, tok
 
 

@@ -365,18 +365,17 @@ def import_params(hf_dir: str, abstract_params: Any) -> Any:
 
 def export_checkpoint(checkpoint: str, out: str, *, step: int | None = None, force: bool = False) -> str:
     """A workdir / checkpoint of ours -> a transformers CLIP directory at `out` (see `save_hf_directory`)."""
+    import jax
+
     from veclip_jax.api import load
 
     if os.path.exists(os.path.expanduser(out)) and not force:
         raise FileExistsError(f"{out} exists: pass --force to replace it")  # before loading anything
     loaded = load(checkpoint, step=step)
     return save_hf_directory(
-        out, jax_to_numpy(loaded.params), loaded.model_config, loaded.tokenizer, force=force
+        out,
+        jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), loaded.params),
+        loaded.model_config,
+        loaded.tokenizer,
+        force=force,
     )
-
-
-def jax_to_numpy(tree: Any) -> Any:
-    """Device arrays -> host numpy (float32), as a plain nested dict."""
-    import jax
-
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), tree)

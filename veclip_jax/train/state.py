@@ -39,6 +39,11 @@ def _abstract_params(model: CLIP) -> Any:
     return jax.eval_shape(lambda r: model.init(r, *dummy_inputs(model))["params"], jax.random.key(0))
 
 
+def abstract_params(model: CLIP) -> Any:
+    """The parameter tree as ShapeDtypeStructs, without logical-axis boxes (no memory used)."""
+    return nn.unbox(_abstract_params(model))
+
+
 def param_logical_specs(model: CLIP) -> Any:
     """Logical axis names of every parameter (no memory used)."""
     return nn.get_partition_spec(_abstract_params(model))
@@ -46,7 +51,7 @@ def param_logical_specs(model: CLIP) -> Any:
 
 def param_count(model: CLIP) -> int:
     """Number of parameters, from shapes only (no memory used)."""
-    return sum(x.size for x in jax.tree.leaves(nn.unbox(_abstract_params(model))))
+    return sum(x.size for x in jax.tree.leaves(abstract_params(model)))
 
 
 def state_shardings(
@@ -58,7 +63,7 @@ def state_shardings(
     """
     param_sh = nn.logical_to_mesh_sharding(param_logical_specs(model), mesh, rules)
     rep = replicated(mesh)
-    abstract_opt = jax.eval_shape(tx.init, nn.unbox(_abstract_params(model)))
+    abstract_opt = jax.eval_shape(tx.init, abstract_params(model))
     opt_sh = optax.tree_map_params(
         tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: rep
     )
