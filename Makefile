@@ -5,10 +5,12 @@ BIN := $(VENV)/bin
 
 .PHONY: setup test lint demo demo-table clean
 
-$(BIN)/.installed: requirements.txt
+# The pinned requirements, then the package itself in editable mode (no build isolation: no download).
+$(BIN)/.installed: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(BIN)/.installed
@@ -29,7 +31,7 @@ demo: setup
 # mix, VeCap only), trained one after the other, side by side.
 demo-table: setup
 	for v in alttext mixed vecap; do \
-	  $(BIN)/python launch/train.py --config=configs/demo_$$v.py --workdir=workdir/demo_$$v || exit 1; \
+	  $(BIN)/python launch/train.py --config=configs/demo.py:$$v --workdir=workdir/demo_$$v || exit 1; \
 	done
 	$(BIN)/python -m veclip_jax.eval.report workdir/demo_alttext workdir/demo_mixed workdir/demo_vecap
 

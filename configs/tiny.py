@@ -6,11 +6,11 @@
 step, evaluating and checkpointing every 10. Not meant to learn much.
 """
 
-from configs import base
+from veclip_jax import defaults
 
 
 def get_config():
-    c = base.get_config("tiny")
+    c = defaults.get_config("tiny")
     c.batch_size = 32
     c.total_steps = 20
     c.log_every = 1

@@ -1,45 +1,7 @@
-"""Export a checkpoint to a HuggingFace transformers CLIP directory.
+"""Export a checkpoint to a HuggingFace CLIP directory (veclip_jax/cli/export.py):
+python launch/export.py --checkpoint=workdir/demo --out=exported/demo"""
 
-  python launch/export.py --checkpoint=workdir/demo --out=exported/demo [--step=N] [--force]
-
-`--checkpoint` is a training workdir, its checkpoints directory or one step's
-directory (the newest step unless --step). The output loads offline with
-`transformers.CLIPModel.from_pretrained(OUT)` and `AutoProcessor.from_pretrained(OUT)`
-(README: "Export to HuggingFace"). An existing OUT is refused unless --force.
-"""
-
-from __future__ import annotations
-
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from absl import app, flags  # noqa: E402
-
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints directory or step directory.")
-_OUT = flags.DEFINE_string("out", None, "The HF directory to write.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_FORCE = flags.DEFINE_bool("force", False, "Replace an existing output directory.")
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not _CHECKPOINT.value or not _OUT.value:
-        raise app.UsageError("--checkpoint and --out are required")
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-file INFO lines
-    from veclip_jax.export.hf import export_checkpoint
-
-    try:
-        out = export_checkpoint(_CHECKPOINT.value, _OUT.value, step=_STEP.value, force=_FORCE.value)
-    except (FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {out}")
-
+from veclip_jax.cli.export import run
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

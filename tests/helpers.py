@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from configs import base, tiny
+from configs import tiny
+from veclip_jax import defaults
 
 
 def tiny_config(**optim):
-    config = base.get_config()
+    config = defaults.get_config()
     config.optim.warmup_steps = 0  # a non-zero learning rate from the first step
     config.optim.update(optim)
     return config

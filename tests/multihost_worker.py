@@ -19,9 +19,9 @@ def main() -> None:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
     from tests.helpers import random_batch, tiny_config
     from veclip_jax.models.clip import build_model
-    from veclip_jax.parallel.mesh import make_mesh
+    from veclip_jax.parallel.mesh import global_batch, make_mesh
     from veclip_jax.train.optim import make_optimizer
-    from veclip_jax.train.state import global_batch, init_train_state
+    from veclip_jax.train.state import init_train_state
     from veclip_jax.train.step import make_train_step
 
     config = tiny_config()

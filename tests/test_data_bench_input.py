@@ -1,13 +1,14 @@
-"""The input throughput script runs end to end and reports a rate per configuration."""
+"""The input throughput script: a records/s row for every configuration, measured after warm-up."""
 
 from __future__ import annotations
 
 import re
+import types
 
 from veclip_jax.bench import input as bench_input
 
 
-def test_input_benchmark_prints_records_per_second(tmp_path, capsys):
+def test_input_benchmark_prints_a_rate_for_every_configuration(tmp_path, capsys):
     bench_input.main(
         [
             "--seconds=0.3",
@@ -19,7 +20,28 @@ def test_input_benchmark_prints_records_per_second(tmp_path, capsys):
         ]
     )
     out = capsys.readouterr().out
-    rows = re.findall(r"^(demo|photo) .*?(\d+)$", out, flags=re.M)
-    # Per dataset: decode-only, 1 thread, 1 worker process.
-    assert [name for name, _ in rows] == ["demo"] * 3 + ["photo"] * 3
-    assert all(int(rate) > 0 for _, rate in rows)
+    rows = re.findall(r"^(demo 64px -> 32px|photo 500x375 -> 224px) +(\S+) +(.+?) +(\d+)$", out, flags=re.M)
+    modes = ["decode+crop only, 1 thread", "1 thread in-process", "1 worker process"]
+    assert [(name.split()[0], decoder, mode) for name, decoder, mode, _ in rows] == [
+        (dataset, "simplejpeg", mode) for dataset in ("demo", "photo") for mode in modes
+    ]
+
+
+def test_measure_is_records_delivered_over_the_timed_seconds_after_warm_up(monkeypatch):
+    # A fake clock that moves only when a batch of 64 records is delivered, 1/8 s per batch (exact in binary).
+    clock, delivered = [0.0], []
+
+    class Iterator:
+        def __next__(self):
+            clock[0] += 0.125
+            delivered.append(64)
+            return {"tokens": [0] * 64}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(bench_input, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(bench_input.pipeline, "make_train_iterator", lambda *a, **k: Iterator())
+    rate = bench_input.measure(config=None, seconds=1.0, warmup_batches=3)
+    assert len(delivered) == 3 + 8  # 3 warm-up batches (not timed), then 1 s of batches
+    assert rate == 8 * 64 / 1.0

@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs.base import get_config
-from veclip_jax.data import convert, pipeline, records, tokenizer
+from veclip_jax.data import convert, image_ops, pipeline, records, tokenizer
+from veclip_jax.data.paths import expand_paths
+from veclip_jax.data.readers import vecap_json
+from veclip_jax.data.readers.table import TableColumns
+from veclip_jax.defaults import get_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -340,9 +343,9 @@ def test_vecap_json_is_streamed_across_chunk_boundaries(tmp_path):
         json.dump(data, f, ensure_ascii=False, separators=(",", ":"))
     for name in ("v.json", "v.json.gz"):
         for chunk in (1, 3, 7, 1 << 20):
-            assert list(convert.iter_vecap_json(tmp_path / name, chunk_chars=chunk)) == list(data.items())
+            assert list(vecap_json.iter_vecap_json(tmp_path / name, chunk_chars=chunk)) == list(data.items())
     (tmp_path / "empty.json").write_text(" {} ")
-    assert list(convert.iter_vecap_json(tmp_path / "empty.json")) == []
+    assert list(vecap_json.iter_vecap_json(tmp_path / "empty.json")) == []
 
 
 @pytest.mark.parametrize(
@@ -351,33 +354,50 @@ def test_vecap_json_is_streamed_across_chunk_boundaries(tmp_path):
 def test_vecap_json_that_is_not_one_object_is_an_error_naming_the_file(tmp_path, text):
     (tmp_path / "bad.json").write_text(text)
     with pytest.raises(ValueError, match="bad.json"):
-        list(convert.iter_vecap_json(tmp_path / "bad.json", chunk_chars=4))
+        list(vecap_json.iter_vecap_json(tmp_path / "bad.json", chunk_chars=4))
 
 
-def test_input_specs_expand_braces_commas_and_globs(tmp_path):
+def test_path_specs_expand_ranges_lists_globs_and_comma_lists(tmp_path, monkeypatch):
     for name in ("a1.tar", "a2.tar", "b.tar"):
         (tmp_path / name).touch()
     d = str(tmp_path)
-    assert convert.expand_paths(f"{d}/x{{008..011}}.tar") == [
-        f"{d}/x{n}.tar" for n in ("008", "009", "010", "011")
-    ]
-    assert convert.expand_paths(f"{d}/{{b,a1}}.tar, {d}/a*.tar") == [
-        f"{d}/b.tar",
-        f"{d}/a1.tar",
-        f"{d}/a2.tar",
-    ]
-    assert convert.expand_paths([f"{d}/x{{1..2}}.tar"]) == [f"{d}/x1.tar", f"{d}/x2.tar"]
-    with pytest.raises(FileNotFoundError, match="no files match"):
-        convert.expand_paths(f"{d}/none*.tar")
+    # Ranges: zero-padded like their bounds, plain otherwise, either direction; names need not exist.
+    assert expand_paths(f"{d}/x{{008..011}}.tar") == [f"{d}/x{n}.tar" for n in ("008", "009", "010", "011")]
+    assert expand_paths(f"{d}/x{{9..11}}.tar") == [f"{d}/x{n}.tar" for n in (9, 10, 11)]
+    assert expand_paths("{2..0}") == ["2", "1", "0"]
+    assert expand_paths("s{0..1}-{a,b}") == ["s0-a", "s0-b", "s1-a", "s1-b"]
+    assert expand_paths("{x}.tar") == ["{x}.tar"]  # not a pattern: kept literally
+    assert expand_paths(f"{d}/*.tar") == [f"{d}/a1.tar", f"{d}/a2.tar", f"{d}/b.tar"]  # globs: sorted
+    # A comma list whose items hold brace lists (commas inside braces do not split), and a glob,
+    # sorted; a1.tar, named twice, is kept once, where it first appears.
+    assert expand_paths(f"{d}/{{b,a1}}.tar, {d}/a*.tar,,") == [f"{d}/b.tar", f"{d}/a1.tar", f"{d}/a2.tar"]
+    # A list: items are specs of their own, not split at commas.
+    assert expand_paths([f"{d}/x{{1..2}}.tar", "c,d"]) == [f"{d}/x1.tar", f"{d}/x2.tar", "c,d"]
+    monkeypatch.setenv("HOME", d)
+    assert expand_paths("~/b*") == [f"{d}/b.tar"]
+    assert expand_paths(" ") == []
+    with pytest.raises(FileNotFoundError, match=r"no files match '.*/none\*\.tar'"):
+        expand_paths(f"{d}/b.tar,{d}/none*.tar")
+
+
+def test_readers_do_not_import_the_converter():
+    # Training may stream tars or look up captions without the conversion driver (and its process pool).
+    code = (
+        "import sys, veclip_jax.data.readers.webdataset, veclip_jax.data.readers.vecap_json, "
+        "veclip_jax.data.readers.table, veclip_jax.data.paths; "
+        "assert 'veclip_jax.data.convert' not in sys.modules, 'a reader imports the converter'"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
 
 
 def test_image_check_accepts_what_the_pipeline_decodes():
     jpeg = _image(0)
-    assert convert.image_decodes(jpeg)
-    assert convert.image_decodes(_image(0, "PNG")) and convert.image_decodes(_image(0, "WEBP"))
-    assert not convert.image_decodes(jpeg[: len(jpeg) // 2])
-    assert not convert.image_decodes(b"")
-    assert not convert.image_decodes(b"GIF89a nonsense")
+    assert image_ops.image_decodes(jpeg)
+    assert image_ops.image_decodes(_image(0, "PNG")) and image_ops.image_decodes(_image(0, "WEBP"))
+    assert not image_ops.image_decodes(jpeg[: len(jpeg) // 2])
+    assert not image_ops.image_decodes(b"")
+    assert not image_ops.image_decodes(b"GIF89a nonsense")
 
 
 # --- tables -------------------------------------------------------------------------------------
@@ -428,7 +448,7 @@ def test_table_rows_become_records(wds, tmp_path):
 def test_table_columns_and_tab_separator_are_configurable(tmp_path):
     (tmp_path / "a.png").write_bytes(_image(30, "PNG"))
     (tmp_path / "pairs.tsv").write_text("id\tfile\ttext\nx1\ta.png\ta caption, with a comma\n")
-    columns = convert.TableColumns(image="file", alt_text="text", key="id")
+    columns = TableColumns(image="file", alt_text="text", key="id")
     convert.convert_table(str(tmp_path / "pairs.tsv"), str(tmp_path / "t"), 1, columns=columns)
     [[record]] = _read_shards(str(tmp_path / "t"), 1)
     assert (record.key, record.alt_text, record.vecap_text, record.jpeg) == (
@@ -469,14 +489,15 @@ def test_command_line_converts_then_resumes(wds, tmp_path):
     out = str(tmp_path / "cli" / "train")
     cmd = [
         sys.executable,
-        os.path.join(REPO, "launch", "make_dataset.py"),  # run from elsewhere: the script finds the repo
+        os.path.join(REPO, "launch", "make_dataset.py"),  # run from elsewhere
         f"--webdataset={wds['spec']}",
         f"--vecap_json={wds['vecap']}",
         f"--out={out}",
         "--num_shards=2",
         "--workers=1",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # The package as `pip install -e .` provides it, whether or not this environment has that done.
+    env = {**os.environ, "PYTHONPATH": REPO}
     first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     assert "7 records in 2 shards" in first.stdout and "(2 written now, 0 done before)" in first.stdout

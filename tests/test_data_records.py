@@ -78,6 +78,15 @@ def test_globs_and_comma_lists_resolve_in_sorted_order(tmp_path):
     assert records.shard_paths(f"{paths[1]}, {paths[0]}") == [paths[1], paths[0]]
 
 
+def test_brace_ranges_resolve_in_order(tmp_path):
+    # What --config.data.train_files='/data/train-{00000..00001}-of-00002.array_record' goes through.
+    paths = records.write_shards((_rec(i) for i in range(4)), str(tmp_path / "train"), 2)
+    spec = str(tmp_path / "train-{00000..00001}-of-00002.array_record")
+    assert records.shard_paths(spec) == paths
+    assert records.shard_paths(f"{tmp_path}/train-{{00001..00000}}-of-00002.array_record") == paths[::-1]
+    assert [r.key for r in records.RecordReader(spec)] == ["k0", "k2", "k1", "k3"]
+
+
 def test_writer_leaves_no_shard_when_the_block_fails(tmp_path):
     path = tmp_path / "x.array_record"
     with pytest.raises(RuntimeError), records.RecordWriter(path) as w:

@@ -22,13 +22,14 @@ import transformers
 from PIL import Image
 
 import veclip_jax
-from configs import base
 from tests.helpers import tiny_run_config
+from veclip_jax import defaults
 from veclip_jax.api import LoadedCLIP
 from veclip_jax.data import demo, records
 from veclip_jax.data.image_ops import EvalPreprocess, bilinear_resize
 from veclip_jax.data.tokenizer import Tokenizer
-from veclip_jax.export.hf import export_checkpoint, params_from_hf, save_hf_directory
+from veclip_jax.hf.from_hf import params_from_hf
+from veclip_jax.hf.to_hf import export_checkpoint, save_hf_directory
 from veclip_jax.models.clip import build_model, dummy_inputs
 from veclip_jax.train import loop
 from veclip_jax.train.checkpoint import restore_params
@@ -144,6 +145,34 @@ def test_export_cli_refuses_to_overwrite_without_force(tiny_run, tmp_path):
     transformers.CLIPModel.from_pretrained(str(out))
 
 
+def test_export_clips_the_temperature_as_training_does(tiny_run, tmp_path):
+    # A learned temperature past logit_scale_max: training multiplies by the maximum, so must HF.
+    cfg = tiny_run_config("").model
+    model = build_model(cfg)
+    params = jax.jit(lambda r: model.init(r, *dummy_inputs(model))["params"])(jax.random.key(1))
+    params = jax.tree.map(np.asarray, __import__("flax").linen.unbox(params))
+    params["logit_scale"] = np.asarray(np.log(2 * cfg.logit_scale_max), np.float32)
+    t = cfg.text
+    tok = Tokenizer(
+        os.path.join(tiny_run[0], "spiece.model"), t.context_length, pad_id=t.pad_id, eos_id=t.eos_id
+    )
+    out = save_hf_directory(str(tmp_path / "hf"), params, cfg, tok)
+    S = cfg.vision.image_size
+    ours = LoadedCLIP(model, params, cfg, tok, EvalPreprocess(S, S), "random")
+    hf = transformers.CLIPModel.from_pretrained(out).eval()
+    assert ours.logit_scale == pytest.approx(cfg.logit_scale_max)
+    assert float(hf.logit_scale.detach().exp()) == pytest.approx(ours.logit_scale, rel=1e-6)
+    # ... and the logits HF computes are ours.
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    image = np.random.default_rng(0).integers(0, 256, (S, S, 3), dtype=np.uint8)
+    texts = ["a red circle.", "IMG_4821.jpg"]
+    batch = processor(text=texts, images=[image], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = hf(**batch).logits_per_image.numpy()
+    want = ours.logit_scale * ours.encode_image([image]) @ ours.encode_text(texts).T
+    np.testing.assert_allclose(logits, want, atol=100 * TOL)
+
+
 # --- the paper's tower sizes, at random init -----------------------------------------------------------
 
 
@@ -152,7 +181,7 @@ def test_export_cli_refuses_to_overwrite_without_force(tiny_run, tmp_path):
     ["B/16", pytest.param("L/14", marks=pytest.mark.slow), pytest.param("H/14", marks=pytest.mark.slow)],
 )
 def test_paper_sizes_export_exactly(size, tiny_run, tmp_path):
-    cfg = base.model_config(size)
+    cfg = defaults.model_config(size)
     model = build_model(cfg)
     params = jax.jit(lambda r: model.init(r, *dummy_inputs(model))["params"])(jax.random.key(1))
     params = jax.tree.map(np.asarray, __import__("flax").linen.unbox(params))
@@ -301,7 +330,7 @@ def test_training_starts_from_a_hf_directory(tmp_path, demo_cache):
     config.optim.update(learning_rate=1e-12, warmup_steps=0)
     result = loop.train(config, str(tmp_path / "run"))
     got, _ = restore_params(result.checkpoint)
-    from veclip_jax.export.hf import load_hf_state_dict
+    from veclip_jax.hf.from_hf import load_hf_state_dict
 
     want = params_from_hf(load_hf_state_dict(d), jax.tree.map(np.asarray, got))
     diffs = jax.tree.map(lambda a, b: _max_diff(a, b), got, want)

@@ -3,17 +3,17 @@
 import jax
 import numpy as np
 
-from configs import base
+from veclip_jax import defaults
 from veclip_jax.data.pipeline import make_train_iterator
 from veclip_jax.models.clip import build_model
-from veclip_jax.parallel.mesh import make_mesh
+from veclip_jax.parallel.mesh import global_batch, make_mesh
 from veclip_jax.train.optim import make_optimizer
-from veclip_jax.train.state import global_batch, init_train_state
+from veclip_jax.train.state import init_train_state
 from veclip_jax.train.step import make_train_step
 
 
 def test_demo_batches_train_the_tiny_model_on_a_mesh(tmp_path):
-    config = base.get_config()
+    config = defaults.get_config()
     config.update(batch_size=32, total_steps=60)
     config.optim.update(learning_rate=1e-3, warmup_steps=5)
     config.data.cache_dir = str(tmp_path)

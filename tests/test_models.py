@@ -1,5 +1,7 @@
 """The towers: sizes, layout, axis names, pooling, activations."""
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,12 +10,18 @@ import pytest
 from flax import traverse_util
 from scipy.special import erf
 
-from configs import base
 from tests.helpers import random_batch
-from veclip_jax.models.clip import build_model, dummy_inputs
-from veclip_jax.models.layers import attention_implementation, exact_gelu, quick_gelu
+from veclip_jax import defaults
+from veclip_jax.models.clip import build_model, dummy_inputs, param_count, param_logical_specs
+from veclip_jax.models.layers import (
+    Attention,
+    TransformerConfig,
+    attention_implementation,
+    exact_gelu,
+    layer_norm,
+    quick_gelu,
+)
 from veclip_jax.parallel.rules import DEFAULT_RULES
-from veclip_jax.train.state import param_count, param_logical_specs
 
 # HF transformers' CLIPModel counts (OpenAI vocabulary 49,408, 224 px):
 # openai/clip-vit-base-patch16, openai/clip-vit-large-patch14, and
@@ -23,7 +31,7 @@ OPENAI_LAYOUT_COUNTS = {"B/16": 149_620_737, "L/14": 427_616_513, "H/14": 986_10
 
 @pytest.mark.parametrize("size", ["B/16", "L/14", "H/14"])
 def test_param_count_matches_known_clip_figures(size):
-    cfg = base.model_config(size)
+    cfg = defaults.model_config(size)
     cfg.text.vocab_size = 49408
     cfg.vision.image_size = 224
     assert param_count(build_model(cfg)) == OPENAI_LAYOUT_COUNTS[size]
@@ -32,15 +40,15 @@ def test_param_count_matches_known_clip_figures(size):
 def test_param_count_of_veclip_sizes_follows_vocab_and_resolution():
     # Same towers with T5's 32,100 ids (and 336 px for H/14): the difference
     # is exactly the token table and the position table.
-    b16 = param_count(build_model(base.model_config("B/16")))
+    b16 = param_count(build_model(defaults.model_config("B/16")))
     assert b16 == OPENAI_LAYOUT_COUNTS["B/16"] - (49408 - 32100) * 512
-    h14 = param_count(build_model(base.model_config("H/14")))
+    h14 = param_count(build_model(defaults.model_config("H/14")))
     extra_positions = (24 * 24 + 1 - (16 * 16 + 1)) * 1280
     assert h14 == OPENAI_LAYOUT_COUNTS["H/14"] - (49408 - 32100) * 1024 + extra_positions
 
 
 def test_parameter_tree_mirrors_hf_clipmodel_names():
-    specs = param_logical_specs(build_model(base.model_config("tiny")))
+    specs = param_logical_specs(build_model(defaults.model_config("tiny")))
     flat = {"/".join(k) for k in traverse_util.flatten_dict(specs)}
     expected = {
         "logit_scale",
@@ -70,7 +78,7 @@ def test_parameter_tree_mirrors_hf_clipmodel_names():
 
 
 def test_every_parameter_has_logical_axis_names_known_to_the_rules():
-    model = build_model(base.model_config("tiny"))
+    model = build_model(defaults.model_config("tiny"))
     specs = param_logical_specs(model)
     shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model))["params"]))
     known = {name for name, _ in DEFAULT_RULES}
@@ -84,7 +92,7 @@ def test_every_parameter_has_logical_axis_names_known_to_the_rules():
 
 
 def test_stacked_layers_carry_the_layers_axis():
-    specs = param_logical_specs(build_model(base.model_config("tiny")))
+    specs = param_logical_specs(build_model(defaults.model_config("tiny")))
     q = specs["vision_model"]["encoder"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert tuple(q) == ("layers", "embed", "heads", "kv")
 
@@ -101,7 +109,7 @@ def _apply(model, params, *inputs, method="__call__"):
 
 
 def test_outputs_are_unit_norm_and_scale_is_initial_temperature():
-    config = base.get_config()
+    config = defaults.get_config()
     model, params = _init(config)
     batch = random_batch(config, 4)
     out = _apply(model, params, batch["image"], batch["tokens"])
@@ -112,7 +120,7 @@ def test_outputs_are_unit_norm_and_scale_is_initial_temperature():
 
 
 def test_logit_scale_is_clipped_at_its_maximum():
-    config = base.get_config()
+    config = defaults.get_config()
     model, params = _init(config)
     params = dict(params, logit_scale=jnp.asarray(10.0))
     batch = random_batch(config, 2)
@@ -121,7 +129,7 @@ def test_logit_scale_is_clipped_at_its_maximum():
 
 
 def test_text_is_pooled_at_first_end_of_text_and_ignores_what_follows():
-    config = base.get_config()
+    config = defaults.get_config()
     model, params = _init(config)
     tokens = random_batch(config, 2)["tokens"]
     tokens[:, 5] = config.model.text.eos_id
@@ -143,13 +151,56 @@ def test_activations_match_hf_definitions():
     np.testing.assert_allclose(quick_gelu(x), x / (1 + np.exp(-1.702 * np.asarray(x))), atol=1e-6)
 
 
-def test_layer_norm_epsilon_is_hf_clip_value():
-    config = base.get_config()
-    assert build_model(config.model).vision.layer_norm_eps == 1e-5
+def _layer_norm_epsilons(model_cfg) -> dict[str, float]:
+    """'tower/.../name' -> epsilon of every LayerNorm the model runs (recorded while tracing it)."""
+    model = build_model(model_cfg)
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.LayerNorm) and context.method_name == "__call__":
+            seen["/".join(context.module.path)] = context.module.epsilon
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model)))
+    return seen
+
+
+def test_every_layer_norm_uses_hf_clips_epsilon():
+    seen = _layer_norm_epsilons(defaults.get_config().model)
+    names = {name.split("/")[0] + "/" + name.split("/")[-1] for name in seen}
+    assert names == {
+        "vision_model/pre_layrnorm", "vision_model/post_layernorm", "vision_model/layer_norm1",
+        "vision_model/layer_norm2", "text_model/layer_norm1", "text_model/layer_norm2",
+        "text_model/final_layer_norm",
+    }  # fmt: skip
+    assert set(seen.values()) == {1e-5}  # HF CLIP's; flax's own default is 1e-6
+
+
+def test_layer_norm_epsilon_comes_from_the_model_config():
+    config = defaults.get_config()
+    config.model.layer_norm_eps = 1e-3
+    assert set(_layer_norm_epsilons(config.model).values()) == {1e-3}
+
+
+def test_layer_norm_normalises_with_its_epsilon():
+    # Inputs whose variance (1e-6) is below the epsilon: the epsilon sets the output's size.
+    x = (1e-3 * np.random.default_rng(0).normal(size=(3, 64))).astype(np.float32)
+    cfg = TransformerConfig(width=64, layers=1, heads=1, mlp_dim=64, layer_norm_eps=1e-5)
+    ln = layer_norm(cfg, "ln")
+    out = np.asarray(ln.apply(nn.unbox(ln.init(jax.random.key(0), x)), x))
+    x64 = x.astype(np.float64)
+    centred = x64 - x64.mean(axis=-1, keepdims=True)
+
+    def numpy_layer_norm(eps):
+        return centred / np.sqrt(centred.var(axis=-1, keepdims=True) + eps)
+
+    np.testing.assert_allclose(out, numpy_layer_norm(1e-5), rtol=1e-4, atol=1e-6)
+    assert np.abs(numpy_layer_norm(1e-6) - numpy_layer_norm(1e-5)).max() > 0.1  # eps matters here
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
-    config = base.get_config()
+    config = defaults.get_config()
     config.model.dtype = "bfloat16"
     config.model.remat = "full"
     model, params = _init(config)
@@ -161,14 +212,14 @@ def test_bfloat16_compute_keeps_float32_parameters():
 
 
 def test_wrong_image_size_is_refused():
-    config = base.get_config()
+    config = defaults.get_config()
     model, params = _init(config)
     with pytest.raises(ValueError, match="expects 32px"):
         _apply(model, params, np.zeros((1, 64, 64, 3), np.float32), method="encode_image")
 
 
 def test_every_remat_policy_gives_the_same_gradients():
-    config = base.get_config()
+    config = defaults.get_config()
     batch = random_batch(config, 4)
     grads = []
     for remat in ("none", "full", "dots", "dots_no_batch"):
@@ -187,10 +238,55 @@ def test_every_remat_policy_gives_the_same_gradients():
 
 def test_attention_implementation_choice():
     # jax's implementation=None is XLA's unfused attention; cuDNN must be named.
-    assert attention_implementation("auto", jnp.bfloat16) is None  # this is a CPU
+    on_gpu = jax.default_backend() == "gpu"
+    assert attention_implementation("auto", jnp.bfloat16) == ("cudnn" if on_gpu else None)
+    assert attention_implementation("auto", jnp.float16) == ("cudnn" if on_gpu else None)
+    assert attention_implementation("auto", jnp.float32) is None  # cuDNN's kernel takes half precision only
     assert attention_implementation("xla", jnp.bfloat16) is None
     assert attention_implementation("cudnn", jnp.float32) == "cudnn"
-    config = base.get_config()
+    config = defaults.get_config()
     config.model.attention = "flash"
     with pytest.raises(ValueError, match="model.attention"):
         build_model(config.model)
+
+
+def _attention(attention: str) -> Attention:
+    cfg = TransformerConfig(width=32, layers=1, heads=4, mlp_dim=64, dtype=jnp.bfloat16, attention=attention)
+    return Attention(cfg)
+
+
+def _refusing_cudnn(monkeypatch) -> list:
+    """Makes jax.nn.dot_product_attention refuse implementation="cudnn", as cuDNN does for some
+    shapes; returns the implementations asked for, in order."""
+    real, asked = jax.nn.dot_product_attention, []
+
+    def dot_product_attention(*args, implementation=None, **kwargs):
+        asked.append(implementation)
+        if implementation == "cudnn":
+            raise ValueError("cuDNN does not support this shape (simulated)")
+        return real(*args, implementation=implementation, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", dot_product_attention)
+    return asked
+
+
+def test_auto_attention_falls_back_to_xla_when_cudnn_refuses(monkeypatch, caplog):
+    x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+    params = nn.unbox(_attention("xla").init(jax.random.key(0), x))
+    want = _attention("xla").apply(params, x)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # "auto" in bf16 now asks for cuDNN
+    asked = _refusing_cudnn(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        got = _attention("auto").apply(params, x)
+    assert asked == ["cudnn", None]
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert "cuDNN attention refused (2, 5, 4, 8)" in caplog.text
+
+
+def test_cudnn_attention_asked_for_by_name_does_not_fall_back(monkeypatch):
+    x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+    params = nn.unbox(_attention("xla").init(jax.random.key(0), x))
+    asked = _refusing_cudnn(monkeypatch)
+    with pytest.raises(ValueError, match="simulated"):
+        _attention("cudnn").apply(params, x)
+    assert asked == ["cudnn"]

@@ -45,8 +45,36 @@ def test_loss_and_metrics_match_numpy_formula():
     np.testing.assert_allclose(loss, ref["loss"], rtol=1e-5)
     for name, value in ref.items():
         np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
-    assert 0 < ref["i2t_accuracy"] < 1  # the check above is not vacuous
+    # Not vacuous: 10 and 11 of the 16 pairs rank first (the numpy reference's count, seed 0).
+    assert (ref["i2t_accuracy"], ref["t2i_accuracy"]) == (10 / 16, 11 / 16)
     assert float(metrics["logit_scale"]) == 14.0
+
+
+def _permuted_pairs(perm: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Image i = e_i, text j = e_perm[j]: image i's best text is perm^-1(i), right where perm fixes i."""
+    img = np.eye(len(perm), dtype=np.float32)
+    return img, img[perm]
+
+
+PERM = [0, 1, 2, 4, 3, 5, 7, 6]  # 4 fixed points of 8: 4 pairs rank their partner first
+
+
+@pytest.mark.parametrize(
+    "mesh_shape",
+    [None, dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1)],
+    ids=["dense", "data8", "data2_fsdp4"],
+)
+def test_batch_accuracy_is_the_fraction_of_pairs_ranked_first(mesh_shape):
+    img, txt = _permuted_pairs(PERM)
+    if mesh_shape is None:
+        _, metrics = clip_loss(img, txt, 10.0)
+    else:
+        mesh = make_mesh(mesh_shape)
+        shard = NamedSharding(mesh, batch_spec(2))
+        loss_fn = jax.jit(lambda i, t: clip_loss(i, t, 10.0, mesh=mesh))
+        _, metrics = loss_fn(jax.device_put(img, shard), jax.device_put(txt, shard))
+    assert float(metrics["i2t_accuracy"]) == float(metrics["t2i_accuracy"]) == 4 / 8
+    assert float(metrics["positive_similarity"]) == 4 / 8  # the fixed pairs' cosine is 1, the others' 0
 
 
 @pytest.mark.parametrize(

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from configs import base
+from veclip_jax import defaults
 from veclip_jax.models.clip import build_model, dummy_inputs
 from veclip_jax.train.optim import decay_mask, learning_rate_schedule, make_optimizer
 
 
 def _tiny_params():
-    model = build_model(base.model_config("tiny"))
+    model = build_model(defaults.model_config("tiny"))
     return nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model))["params"]))
 
 
@@ -35,7 +35,7 @@ def test_weight_decay_mask_excludes_biases_norms_class_token_positions_and_scale
 
 
 def test_decay_applies_to_kernels_only_in_an_update():
-    cfg = base.get_config().optim
+    cfg = defaults.get_config().optim
     cfg.warmup_steps = 0
     cfg.grad_clip_norm = 0.0
     params = {"w": {"kernel": jnp.ones((2, 2))}, "ln": {"scale": jnp.ones(2)}, "logit_scale": jnp.ones(())}
@@ -49,7 +49,7 @@ def test_decay_applies_to_kernels_only_in_an_update():
 
 
 def test_schedule_corners():
-    cfg = base.get_config().optim
+    cfg = defaults.get_config().optim
     cfg.learning_rate, cfg.warmup_steps, cfg.end_lr_ratio = 1e-3, 10, 0.1
     lr = learning_rate_schedule(cfg, total_steps=110)
     assert float(lr(0)) == 0.0
@@ -62,14 +62,14 @@ def test_schedule_corners():
 
 
 def test_warmup_longer_than_training_is_refused():
-    cfg = base.get_config().optim
+    cfg = defaults.get_config().optim
     cfg.warmup_steps = 100
     with pytest.raises(ValueError, match="warmup_steps"):
         learning_rate_schedule(cfg, total_steps=100)
 
 
 def test_global_norm_clipping_rescales_gradients_before_adam():
-    cfg = base.get_config().optim
+    cfg = defaults.get_config().optim
     # eps = 1 makes Adam's step depend on the gradient's scale, so clipping shows.
     cfg.update(warmup_steps=0, grad_clip_norm=1.0, weight_decay=0.0, eps=1.0)
     params = {"w": {"kernel": jnp.zeros(4)}}

@@ -6,9 +6,9 @@ import pytest
 
 from tests.helpers import random_batch, tiny_config
 from veclip_jax.models.clip import build_model
-from veclip_jax.parallel.mesh import make_mesh, mesh_shape
+from veclip_jax.parallel.mesh import global_batch, make_mesh, mesh_shape
 from veclip_jax.train.optim import make_optimizer
-from veclip_jax.train.state import global_batch, init_train_state
+from veclip_jax.train.state import init_train_state
 from veclip_jax.train.step import make_train_step
 
 MESHES = {
@@ -85,13 +85,50 @@ def test_gradient_accumulation_equals_the_large_batch():
     assert max(jax.tree.leaves(diffs)) < 1e-5
 
 
-def test_non_finite_loss_skips_the_update_and_counts_it():
+def _host_copy(tree):
+    """A host copy of every leaf: the step donates its input state, so compare copies."""
+    return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+
+
+def _differing_leaves(a, b) -> list[str]:
+    """The paths of the leaves of two same-structured trees that are not bitwise equal."""
+    flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+    flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+    assert tree_a == tree_b
+    return [
+        jax.tree_util.keystr(path)
+        for (path, x), (_, y) in zip(flat_a, flat_b, strict=True)
+        if x.dtype != y.dtype or not np.array_equal(x, y, equal_nan=True)
+    ]
+
+
+def test_non_finite_loss_leaves_parameters_and_optimizer_state_unchanged_and_counts_it():
     config = tiny_config()
-    batch = random_batch(config, BATCH)
-    batch["image"][0, 0, 0, 0] = np.nan
-    state, losses, init = _run(config, dict(data=8, fsdp=1, tensor=1), [batch])
-    assert not np.isfinite(losses[0])
-    assert int(state.step) == 0 and int(state.nonfinite_steps) == 1
+    mesh = make_mesh(dict(data=8, fsdp=1, tensor=1))
+    model = build_model(config.model)
+    tx = make_optimizer(config.optim, total_steps=100)
+    init = init_train_state(model, tx, mesh, jax.random.key(config.seed))
+    step = make_train_step(model, tx, mesh, init.shardings)
+    bad = random_batch(config, BATCH)
+    bad["image"][0, 0, 0, 0] = np.nan
+    before = _host_copy(init.state)
+
+    state, metrics = step(init.state, global_batch(mesh, bad))
+    skipped = _host_copy(state)
+    assert not np.isfinite(float(metrics["loss"])) and float(metrics["step_applied"]) == 0.0
+    assert int(skipped.step) == 0 and int(skipped.nonfinite_steps) == 1
+    assert _differing_leaves(skipped.params, before.params) == []  # bit for bit
+    assert _differing_leaves(skipped.opt_state, before.opt_state) == []
+
+    # The next, finite, step is applied: parameters and every optimizer moment move.
+    state, metrics = step(state, global_batch(mesh, random_batch(config, BATCH, seed=1)))
+    applied = _host_copy(state)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["step_applied"]) == 1.0
+    assert int(applied.step) == 1 and int(applied.nonfinite_steps) == 1
+    assert _differing_leaves(applied.params, skipped.params) != []
+    moved = _differing_leaves(applied.opt_state, skipped.opt_state)
+    for part in (".count", ".mu", ".nu"):
+        assert any(part in path for path in moved), part
 
 
 @pytest.mark.parametrize(

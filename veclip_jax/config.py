@@ -1,6 +1,6 @@
 """Config checking: every field known, of the right type, in range, before any compute.
 
-`configs/base.py` is the schema: an experiment config must have exactly its
+`veclip_jax/defaults.py` is the schema: an experiment config must have exactly its
 fields (an unknown one is usually a typo, and would otherwise be silently
 ignored), of its types, with values in the ranges below. `validate_config`
 raises `ConfigError` naming the first offending field, e.g.
@@ -21,6 +21,8 @@ from typing import Any
 
 import ml_collections
 
+from veclip_jax import defaults
+
 # Fields whose keys are data, not schema (attribute names of eval labels).
 FREE_FORM = {"eval.templates"}
 
@@ -30,9 +32,7 @@ class ConfigError(ValueError):
 
 
 def _base_config() -> ml_collections.ConfigDict:
-    from configs import base  # the schema lives with the configs
-
-    return base.get_config()
+    return defaults.get_config()
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -61,11 +61,11 @@ def _check_schema(config: Any, schema: Any, prefix: str) -> None:
         if key not in schema:
             close = difflib.get_close_matches(str(key), [str(k) for k in schema], n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(f"config.{name} is not a field of configs/base.py{hint}")
+            raise ConfigError(f"config.{name} is not a field of veclip_jax/defaults.py{hint}")
     for key, default in schema.items():
         name = f"{prefix}{key}"
         if key not in config:
-            raise ConfigError(f"config.{name} is missing (configs/base.py defines it)")
+            raise ConfigError(f"config.{name} is missing (veclip_jax/defaults.py defines it)")
         value = config[key]
         if _is_section(default):
             if not _is_section(value):
@@ -181,6 +181,13 @@ def _check_ranges(config: Any) -> None:
             raise ConfigError(
                 f"config.model.text.{name}={m.text[name]} is outside vocab_size={m.text.vocab_size}"
             )
+    if config.data.train_files and not config.data.tokenizer:
+        raise ConfigError(
+            "config.data.tokenizer is empty but config.data.train_files is set: real data needs its "
+            "tokenizer (a sentencepiece model, e.g. T5's spiece.model, or a HF tokenizer directory); "
+            "the demo tokenizer knows only the demo captions. Train one with "
+            "`python -m veclip_jax.data.tokenizer --input=SHARDS --out=spiece.model`"
+        )
     warmup = config.optim.warmup_steps
     if warmup >= config.total_steps:
         raise ConfigError(f"config.optim.warmup_steps={warmup} must be < total_steps={config.total_steps}")
@@ -231,7 +238,7 @@ def validate_config(
 
 
 def check_overrides(argv: list[str], flag: str = "config") -> None:
-    """Refuses `--config.FIELD=...` arguments that name no field of configs/base.py.
+    """Refuses `--config.FIELD=...` arguments that name no field of veclip_jax/defaults.py.
 
     ml_collections would raise a bare AttributeError deep in flag parsing;
     this names the argument and suggests the closest field.
@@ -250,6 +257,6 @@ def check_overrides(argv: list[str], flag: str = "config") -> None:
                 close = difflib.get_close_matches(part, options, n=1)
                 where = ".".join([*seen, close[0]]) if close else ""
                 hint = f" (did you mean --{flag}.{where}?)" if close else ""
-                raise ConfigError(f"{arg}: config.{dotted} is not a field of configs/base.py{hint}")
+                raise ConfigError(f"{arg}: config.{dotted} is not a field of veclip_jax/defaults.py{hint}")
             node = node[part]
             seen.append(part)

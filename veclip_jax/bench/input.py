@@ -28,8 +28,8 @@ from collections.abc import Sequence
 import numpy as np
 import simplejpeg
 
-from configs.base import get_config
 from veclip_jax.data import demo, image_ops, pipeline, records, seeds
+from veclip_jax.defaults import get_config
 
 
 def _photo_jpeg(rng: np.random.Generator, h: int = 375, w: int = 500) -> bytes:

@@ -22,13 +22,16 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from veclip_jax.models.clip import build_model
-from veclip_jax.parallel.mesh import make_mesh
+from veclip_jax import defaults
+from veclip_jax.models.clip import build_model, param_count
+from veclip_jax.parallel.mesh import batch_sharding, make_mesh
 from veclip_jax.train.optim import make_optimizer
-from veclip_jax.train.state import batch_sharding, init_train_state, param_count
+from veclip_jax.train.state import init_train_state
 from veclip_jax.train.step import make_train_step
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Experiment config file.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (default: veclip_jax/defaults.py, the tiny model)."
+)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of the whole mesh; 0 = measure with a matmul.")
 _PEAK_DTYPE = flags.DEFINE_string("peak_dtype", "float32", "dtype of the peak-measuring matmul.")
@@ -59,7 +62,7 @@ def step_flops(config, mesh, tx, init, batch) -> float:
 
 
 def main(_: list[str]) -> None:
-    config = _CONFIG.value
+    config = _CONFIG.value or defaults.get_config()
     mesh = make_mesh(config.mesh)
     model = build_model(config.model)
     tx = make_optimizer(config.optim, config.total_steps)

@@ -1,6 +1,6 @@
 """The same train step in HF transformers / PyTorch: the baseline on a CPU.
 
-  pip install torch==2.13.0 transformers==5.23.0   # CPU build; not in requirements.txt
+  # torch==2.13.0 (the CPU build) is in requirements.txt, for the export checks and this baseline
   python -m veclip_jax.bench.torch_step --config=configs/base.py:B/16 --config.batch_size=8
 
 Builds `transformers.CLIPModel` with the config's tower sizes, and times
@@ -15,9 +15,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from veclip_jax.export.hf import hf_config
+from veclip_jax import defaults
+from veclip_jax.hf.to_hf import hf_config
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Experiment config file.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (default: veclip_jax/defaults.py, the tiny model)."
+)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
 
 
@@ -25,7 +28,7 @@ def main(_: list[str]) -> None:
     import torch
     import transformers
 
-    config = _CONFIG.value
+    config = _CONFIG.value or defaults.get_config()
     torch.manual_seed(config.seed)
     model = transformers.CLIPModel(hf_config(config.model)).train()  # the exporter's config: same model
     o = config.optim

@@ -7,6 +7,9 @@ image_ops  decoding (simplejpeg, PIL fallback), RandomResizedCrop, CLIP normalis
 pipeline   make_train_iterator: shards -> per-process batches, resumable
 demo       ensure_demo_data: coloured shapes with web-like AltTexts and VeCap captions
 seeds      per-example randomness from (seed, epoch, record index)
+paths      the one path-spec syntax: comma lists, {a..b} ranges, {x,y} lists, globs
+readers/   raw formats: webdataset tars, VeCap JSON (+ URL index), CSV/TSV tables
+convert    the offline converter: raw pairs -> ArrayRecord shards (launch/make_dataset.py)
 
 See veclip_jax/data/README.md.
 """

@@ -9,6 +9,10 @@ Inputs:
 * A CSV/TSV table: an image path, the captions, optionally a key and a URL
   per row; images are read from disk.
 
+The readers of these inputs are in data/readers/ (webdataset, vecap_json,
+table), input lists are path specs (data/paths.py); this module turns what
+they read into records and shards.
+
 Sharding rule. Output shard j of N is made of the webdataset input tars i
 with i % N == j (whole tars, in order; samples in tar order), or of the table
 rows r with r % N == j. A shard is therefore a function of its own inputs
@@ -32,37 +36,26 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
-import csv
 import dataclasses
-import glob
-import gzip
-import io
 import json
 import logging
 import multiprocessing
 import os
-import re
-import sqlite3
-import tarfile
 import time
-import warnings
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from PIL import Image
-
-from veclip_jax.data import captions, image_ops, records
-
-try:
-    import simplejpeg
-except ImportError:  # PIL then checks every image
-    simplejpeg = None
+from veclip_jax import fileio
+from veclip_jax.data import captions, records
+from veclip_jax.data.image_ops import image_decodes
+from veclip_jax.data.paths import expand_paths
+from veclip_jax.data.readers.table import Row, TableColumns, read_table
+from veclip_jax.data.readers.vecap_json import VecapLookup, build_vecap_index
+from veclip_jax.data.readers.webdataset import IMAGE_EXTENSIONS, iter_tar_samples
 
 log = logging.getLogger(__name__)
 
-# Part of every shard's fingerprint: bump when a change to this module changes
+# Part of every shard's fingerprint: bump when a change to this module or its readers changes
 # which records a shard holds, so that a resume does not mix the two versions.
 CONVERTER_VERSION = 1
 
@@ -79,302 +72,8 @@ SKIP_REASONS: dict[str, str] = {
     "unreadable_image": "the image bytes do not decode",
 }
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-_MEMBER_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + ("txt", "json"))
-
-
-# --- input lists --------------------------------------------------------------------------------
-
-
-def _split_top_level_commas(spec: str) -> list[str]:
-    # Commas inside braces belong to a brace list ("{a,b}.tar"), not to the spec's list.
-    items, depth, start = [], 0, 0
-    for i, ch in enumerate(spec):
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth = max(0, depth - 1)
-        elif ch == "," and depth == 0:
-            items.append(spec[start:i])
-            start = i + 1
-    items.append(spec[start:])
-    return items
-
-
-_BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"(\d+)\.\.(\d+)")
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    match = _BRACE.search(pattern)
-    if match is None:
-        return [pattern]
-    body = match.group(1)
-    numeric = _RANGE.fullmatch(body)
-    if numeric:
-        a, b = numeric.groups()
-        # Zero-padded bounds ("00000..00331") give zero-padded names, as in img2dataset's output.
-        padded = (len(a) > 1 and a[0] == "0") or (len(b) > 1 and b[0] == "0")
-        width = max(len(a), len(b)) if padded else 0
-        lo, hi = int(a), int(b)
-        step = 1 if hi >= lo else -1
-        options = [str(n).zfill(width) for n in range(lo, hi + step, step)]
-    elif "," in body:
-        options = body.split(",")
-    else:
-        options = [match.group(0)]  # "{x}" is not a pattern: keep it literally
-    head, rest = pattern[: match.start()], _expand_braces(pattern[match.end() :])
-    return [head + option + tail for option in options for tail in rest]
-
-
-def expand_paths(spec: str | Sequence[str]) -> list[str]:
-    """Input files from a spec: comma-separated paths, brace ranges and globs (or a list of them).
-
-    `/data/cc3m/{00000..00331}.tar` expands to 332 names (zero-padded like its
-    bounds), `{a,b}` to both, `~` to the home directory; globs are sorted and
-    must match something. Plain names are kept whether or not the file exists
-    (a converter counts missing ones). Duplicates are dropped, first kept.
-    """
-    items = _split_top_level_commas(spec) if isinstance(spec, str) else [str(s) for s in spec]
-    paths: list[str] = []
-    for item in items:
-        item = item.strip()
-        if not item:
-            continue
-        for pattern in _expand_braces(os.path.expanduser(item)):
-            if glob.has_magic(pattern):
-                matches = sorted(glob.glob(pattern))
-                if not matches:
-                    raise FileNotFoundError(f"no files match {pattern!r}")
-                paths.extend(matches)
-            else:
-                paths.append(pattern)
-    return list(dict.fromkeys(paths))
-
-
-# --- VeCap captions: {url: caption} JSON, streamed into an on-disk index ------------------------
-
-_NON_SPACE = re.compile(r"[^ \t\n\r]")
-_DECODER = json.JSONDecoder()
-
-
-class _JsonScanner:
-    """Reads JSON values one at a time from a text stream, holding about one chunk in memory."""
-
-    def __init__(self, f: io.TextIOBase, chunk_chars: int):
-        self._f, self._chunk = f, chunk_chars
-        self._buf, self._pos, self._consumed, self._eof = "", 0, 0, False
-
-    @property
-    def offset(self) -> int:
-        """Characters read so far (for error messages)."""
-        return self._consumed + self._pos
-
-    def _fill(self) -> bool:
-        if self._eof:
-            return False
-        more = self._f.read(self._chunk)
-        if not more:
-            self._eof = True
-            return False
-        self._consumed += self._pos
-        self._buf, self._pos = self._buf[self._pos :] + more, 0
-        return True
-
-    def peek(self) -> str:
-        """The next non-whitespace character (not consumed); "" at the end."""
-        while True:
-            m = _NON_SPACE.search(self._buf, self._pos)
-            if m:
-                self._pos = m.start()
-                return self._buf[self._pos]
-            self._pos = len(self._buf)
-            if not self._fill():
-                return ""
-
-    def take(self, ch: str) -> None:
-        if self.peek() != ch:
-            raise ValueError(f"expected {ch!r} at character {self.offset}")
-        self._pos += 1
-
-    def value(self) -> Any:
-        self.peek()
-        while True:
-            try:
-                value, end = _DECODER.raw_decode(self._buf, self._pos)
-                # A value that ends the buffer may continue in the next chunk (a number).
-                if end < len(self._buf) or self._eof:
-                    self._pos = end
-                    return value
-            except json.JSONDecodeError as e:
-                if self._eof:
-                    raise ValueError(f"bad JSON at character {self._consumed + e.pos}: {e.msg}") from None
-            self._fill()
-
-
-def iter_vecap_json(path: str | os.PathLike, *, chunk_chars: int = 1 << 20) -> Iterator[tuple[str, Any]]:
-    """The (url, caption) pairs of one VeCap JSON file, an object {url: caption}, streamed.
-
-    VeCap-300M's files hold some 30M captions each: `json.load` would need tens
-    of GB, this holds one chunk. Values are yielded as they are (the caller
-    keeps strings). `.gz` files are decompressed. Raises ValueError, naming
-    the file and position, on anything that is not one JSON object.
-    """
-    path = os.fspath(path)
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8-sig") as f:
-        scan = _JsonScanner(f, chunk_chars)
-        try:
-            if scan.peek() != "{":
-                raise ValueError("expected a JSON object {url: caption}")
-            scan.take("{")
-            if scan.peek() == "}":
-                scan.take("}")
-            else:
-                while True:
-                    key = scan.value()
-                    if not isinstance(key, str):
-                        raise ValueError(f"expected a string key at character {scan.offset}")
-                    scan.take(":")
-                    yield key, scan.value()
-                    if scan.peek() == ",":
-                        scan.take(",")
-                    else:
-                        scan.take("}")
-                        break
-            if scan.peek() != "":
-                raise ValueError(f"unexpected data after the object at character {scan.offset}")
-        except ValueError as e:
-            raise ValueError(f"VeCap JSON {path}: {e}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class VecapIndexInfo:
-    """What went into a VeCap index."""
-
-    path: str
-    files: list[str]
-    captions: int  # string captions indexed (a URL repeated in a later file is indexed once)
-    ignored: int  # entries whose value is not a string
-
-
-def _files_fingerprint(paths: Sequence[str]) -> list[list]:
-    return [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in paths]
-
-
-def build_vecap_index(json_files: Sequence[str], path: str) -> VecapIndexInfo:
-    """Builds (or reuses) an SQLite index url -> caption from VeCap JSON files at `path`.
-
-    An index rather than a dict: hundreds of millions of captions do not fit in
-    each worker's memory, and SQLite (stdlib) lets every worker look up by URL
-    in one shared file. Rebuilt only when the JSON files changed (paths, sizes,
-    mtimes), so a resumed conversion does not re-read them. For a URL present
-    twice, the first file's caption wins (files in the order given).
-    """
-    fingerprint = json.dumps(_files_fingerprint(json_files))
-    if os.path.exists(path):
-        try:
-            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-                row = db.execute("SELECT fingerprint, captions, ignored FROM meta").fetchone()
-            if row and row[0] == fingerprint:
-                return VecapIndexInfo(path, list(json_files), row[1], row[2])
-        except sqlite3.Error:
-            pass  # an unusable leftover: rebuild it
-    tmp = path + ".tmp"
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    t0 = time.perf_counter()
-    count = ignored = 0
-    db = sqlite3.connect(tmp)
-    try:
-        # A scratch file rebuilt from scratch when lost: no journal, no fsync.
-        db.execute("PRAGMA journal_mode=OFF")
-        db.execute("PRAGMA synchronous=OFF")
-        db.execute("CREATE TABLE vecap (url TEXT NOT NULL, caption TEXT NOT NULL)")
-        for file in json_files:
-            batch: list[tuple[str, str]] = []
-            for url, caption in iter_vecap_json(file):
-                if not isinstance(caption, str):
-                    ignored += 1
-                    continue
-                batch.append((url.strip(), caption))
-                if len(batch) >= 100_000:
-                    db.executemany("INSERT INTO vecap VALUES (?, ?)", batch)
-                    count += len(batch)
-                    batch.clear()
-            db.executemany("INSERT INTO vecap VALUES (?, ?)", batch)
-            count += len(batch)
-        # Indexing after the inserts sorts once, much faster than a keyed insert per row.
-        db.execute("CREATE INDEX vecap_url ON vecap (url)")
-        distinct = db.execute("SELECT COUNT(DISTINCT url) FROM vecap").fetchone()[0]
-        db.execute("CREATE TABLE meta (fingerprint TEXT, captions INTEGER, ignored INTEGER)")
-        db.execute("INSERT INTO meta VALUES (?, ?, ?)", (fingerprint, distinct, ignored))
-        db.commit()
-    finally:
-        db.close()
-    os.replace(tmp, path)
-    log.info(
-        "VeCap index: %d captions from %d files in %.1f s",
-        distinct,
-        len(json_files),
-        time.perf_counter() - t0,
-    )
-    return VecapIndexInfo(path, list(json_files), distinct, ignored)
-
-
-class _VecapLookup:
-    def __init__(self, path: str):
-        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-
-    def __call__(self, url: str) -> str | None:
-        # ORDER BY rowid: the first file's caption when a URL is repeated.
-        row = self._db.execute(
-            "SELECT caption FROM vecap WHERE url = ? ORDER BY rowid LIMIT 1", (url.strip(),)
-        ).fetchone()
-        return row[0] if row else None
-
-    def close(self) -> None:
-        self._db.close()
-
 
 # --- checks on one sample -----------------------------------------------------------------------
-
-
-def image_decodes(data: bytes) -> bool:
-    """Whether the training pipeline's decoders read `data`; cheap for JPEGs (decoded at 1/8 scale).
-
-    Mirrors image_ops: simplejpeg (strict) first, PIL for what it refuses,
-    images of more than image_ops.MAX_PIXELS pixels refused.
-    """
-    if not data:
-        return False
-    if simplejpeg is not None:
-        try:
-            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-        except ValueError:
-            pass  # not a JPEG simplejpeg knows: PIL decides
-        else:
-            if height < 1 or width < 1 or height * width > image_ops.MAX_PIXELS:
-                return False
-            try:
-                simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=1, min_width=1)
-                return True
-            except ValueError:
-                pass  # the pipeline falls back to PIL too
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL warns on large or odd files; the verdict is what counts
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if height < 1 or width < 1 or height * width > image_ops.MAX_PIXELS:
-                    return False
-                if img.format == "JPEG":
-                    img.draft("RGB", (1, 1))  # smallest DCT scale: the whole stream is still read
-                img.load()
-        return True
-    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        return False
 
 
 def _caption(value: Any) -> str | None:
@@ -388,26 +87,6 @@ def _caption(value: Any) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class TableColumns:
-    """Column names of a CSV/TSV table. Only `image` is required; key and URL are optional."""
-
-    image: str = "image"
-    alt_text: str = "alt_text"
-    vecap_text: str = "vecap_text"
-    key: str = "key"
-    url: str = "url"
-
-
-@dataclasses.dataclass(frozen=True)
-class _Row:
-    key: str
-    image: str  # absolute path, or "" when the row has none
-    alt_text: str | None
-    vecap_text: str | None
-    url: str | None
-
-
-@dataclasses.dataclass(frozen=True)
 class _Job:
     """Everything one worker needs to write one output shard (pickled to spawned workers)."""
 
@@ -415,7 +94,7 @@ class _Job:
     stats_path: str
     fingerprint: dict[str, Any]
     tars: tuple[str, ...] = ()
-    rows: tuple[_Row, ...] = ()
+    rows: tuple[Row, ...] = ()
     vecap_index: str | None = None
     source: str | None = None
     verify_images: bool = True
@@ -427,51 +106,13 @@ class _Candidate:
     vecap_joined: bool  # vecap_text came from the VeCap JSON
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    # The webdataset convention: the key is the path up to the first dot of the basename.
-    directory, _, base = name.removeprefix("./").rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ext.lower()
-
-
-def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]] | str]:
-    """(key, {extension: bytes}) per sample of a tar, or a skip reason for the tar itself."""
-    try:
-        tar = tarfile.open(path, mode="r|*")  # a stream: tars are read once, front to back
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        yield "missing_input"
-        return
-    except (tarfile.TarError, OSError, EOFError, zlib.error):
-        yield "unreadable_input"
-        return
-    key, members = None, {}
-    try:
-        with tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                member_key, ext = _split_member(member.name)
-                if member_key != key:
-                    if key is not None:
-                        yield key, members
-                    key, members = member_key, {}
-                if ext in _MEMBER_EXTENSIONS and ext not in members:
-                    members[ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError, zlib.error):
-        # The sample being read when the damage showed is incomplete: dropped with the rest.
-        yield "unreadable_input"
-        return
-    if key is not None:
-        yield key, members
-
-
 # A candidate record, or the reason it was skipped; with where it came from (a tar or an image file).
 _Outcome = tuple[_Candidate | str, str]
 
 
-def _webdataset_outcomes(job: _Job, lookup: _VecapLookup | None) -> Iterator[_Outcome]:
+def _webdataset_outcomes(job: _Job, lookup: VecapLookup | None) -> Iterator[_Outcome]:
     for tar in job.tars:
-        for sample in _tar_samples(tar):
+        for sample in iter_tar_samples(tar):
             if isinstance(sample, str):
                 yield sample, tar
             else:
@@ -479,7 +120,7 @@ def _webdataset_outcomes(job: _Job, lookup: _VecapLookup | None) -> Iterator[_Ou
 
 
 def _webdataset_candidate(
-    key: str, members: Mapping[str, bytes], lookup: _VecapLookup | None, source: str | None
+    key: str, members: Mapping[str, bytes], lookup: VecapLookup | None, source: str | None
 ) -> _Candidate | str:
     meta: Any = {}
     if "json" in members:
@@ -508,12 +149,12 @@ def _webdataset_candidate(
     return _Candidate(record, vecap_joined=vecap is not None)
 
 
-def _table_outcomes(job: _Job, lookup: _VecapLookup | None) -> Iterator[_Outcome]:
+def _table_outcomes(job: _Job, lookup: VecapLookup | None) -> Iterator[_Outcome]:
     for row in job.rows:
         yield _table_candidate(row, lookup, job.source), row.image
 
 
-def _table_candidate(row: _Row, lookup: _VecapLookup | None, source: str | None) -> _Candidate | str:
+def _table_candidate(row: Row, lookup: VecapLookup | None, source: str | None) -> _Candidate | str:
     if not row.image:
         return "no_image"
     alt, vecap, joined = _caption(row.alt_text), _caption(row.vecap_text), False
@@ -531,14 +172,6 @@ def _table_candidate(row: _Row, lookup: _VecapLookup | None, source: str | None)
     return _Candidate(record, vecap_joined=joined)
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)  # atomic: a stats file is either complete or absent
-
-
 def _write_shard(job: _Job) -> dict[str, Any]:
     """Writes one output shard, then its stats file; returns the stats. Runs in a worker."""
     t0 = time.perf_counter()
@@ -549,7 +182,7 @@ def _write_shard(job: _Job) -> dict[str, Any]:
     unreadable_inputs: list[str] = []
     with_alt = with_vecap = joined = 0
     seen: set[str] = set()
-    lookup = _VecapLookup(job.vecap_index) if job.vecap_index else None
+    lookup = VecapLookup(job.vecap_index) if job.vecap_index else None
     outcomes = _table_outcomes if job.fingerprint["kind"] == "table" else _webdataset_outcomes
     try:
         with records.RecordWriter(job.path) as writer:
@@ -589,7 +222,7 @@ def _write_shard(job: _Job) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - t0, 3),
         "fingerprint": job.fingerprint,
     }
-    _write_json(job.stats_path, stats)
+    fileio.atomic_write_json(job.stats_path, stats, indent=1)  # a stats file is complete or absent
     return stats
 
 
@@ -759,7 +392,7 @@ def _convert(
         stats_path=stats_path(out),
         shards=shards,
     )
-    _write_json(summary.stats_path, summary.to_dict())
+    fileio.atomic_write_json(summary.stats_path, summary.to_dict(), indent=1)
     return summary
 
 
@@ -839,46 +472,6 @@ def convert_webdataset(
     return _convert(jobs, out, vecap_json=vecap_files, workers=workers)
 
 
-def _read_table(
-    path: str, columns: TableColumns, image_root: str, delimiter: str, has_vecap_json: bool
-) -> list[_Row]:
-    # The whole table is read here, once, rather than by every worker: workers get their rows.
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"table {path} is empty")
-        where = {name: i for i, name in reversed(list(enumerate(header)))}
-        if columns.image not in where:
-            raise ValueError(f"table {path} has no image column {columns.image!r} (its columns: {header})")
-        has = {field: getattr(columns, field) in where for field in ("alt_text", "vecap_text", "key", "url")}
-        if not (has["alt_text"] or has["vecap_text"] or (has["url"] and has_vecap_json)):
-            raise ValueError(
-                f"table {path} has no caption: no column {columns.alt_text!r} or {columns.vecap_text!r}, "
-                f"nor a {columns.url!r} column with VeCap JSON to join (its columns: {header})"
-            )
-
-        def cell(row: list[str], field: str) -> str | None:
-            i = where.get(getattr(columns, field))
-            return row[i] if i is not None and i < len(row) else None
-
-        rows = []
-        for r, row in enumerate(reader):
-            image = (cell(row, "image") or "").strip()
-            if image:
-                image = os.path.join(image_root, os.path.expanduser(image))  # an absolute path stays
-            rows.append(
-                _Row(
-                    key=(cell(row, "key") or "").strip() or str(r),
-                    image=image,
-                    alt_text=cell(row, "alt_text"),
-                    vecap_text=cell(row, "vecap_text"),
-                    url=(cell(row, "url") or "").strip() or None,
-                )
-            )
-    return rows
-
-
 def convert_table(
     table: str,
     out: str,
@@ -909,7 +502,8 @@ def convert_table(
     if delimiter is None:
         delimiter = "\t" if table.lower().endswith((".tsv", ".tab")) else ","
     vecap_files = _vecap_files(vecap_json)
-    rows = _read_table(table, columns, root, delimiter, bool(vecap_files))
+    # The whole table is read here, once, rather than by every worker: workers get their rows.
+    rows = read_table(table, columns, root, delimiter, bool(vecap_files))
     if num_shards > len(rows):
         raise ValueError(f"num_shards {num_shards} > {len(rows)} rows in {table}")
     st = os.stat(table)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -176,6 +177,43 @@ def decode_random_crop(
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
+
+
+def image_decodes(data: bytes) -> bool:
+    """Whether the decoders above read `data`; cheap for JPEGs (decoded at 1/8 scale).
+
+    The converter's check (data/convert.py): an image that passes it does not
+    fail in training. Mirrors decode_random_crop: simplejpeg (strict) first,
+    PIL for what it refuses, images of more than MAX_PIXELS pixels refused.
+    """
+    if not data:
+        return False
+    if simplejpeg is not None:
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            pass  # not a JPEG simplejpeg knows: PIL decides
+        else:
+            if height < 1 or width < 1 or height * width > MAX_PIXELS:
+                return False
+            try:
+                simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=1, min_width=1)
+                return True
+            except ValueError:
+                pass  # the pipeline falls back to PIL too
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns on large or odd files; the verdict is what counts
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if height < 1 or width < 1 or height * width > MAX_PIXELS:
+                    return False
+                if img.format == "JPEG":
+                    img.draft("RGB", (1, 1))  # smallest DCT scale: the whole stream is still read
+                img.load()
+        return True
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return False
 
 
 def normalize(image: np.ndarray) -> np.ndarray:

@@ -253,14 +253,12 @@ class TrainIterator(grain.DatasetIterator):
         self._totals = dict.fromkeys(BAD_REASONS, 0)
         self._window_bad = dict.fromkeys(BAD_REASONS, 0)
         self._window_seen = 0
-        self._records = 0
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._parent)
         counts = batch.pop("bad_counts")
         n_good = len(batch["tokens"])
         n_bad = int(counts.sum())
-        self._records += n_good + n_bad
         self._window_seen += n_good + n_bad
         for reason, c in zip(BAD_REASONS, counts.tolist(), strict=True):
             self._totals[reason] += c
@@ -283,17 +281,11 @@ class TrainIterator(grain.DatasetIterator):
         """Records skipped so far by this process (since the run began, across restores), by reason."""
         return dict(self._totals)
 
-    @property
-    def records_read(self) -> int:
-        """Records this process has consumed, good and bad."""
-        return self._records
-
     def get_state(self) -> dict[str, Any]:
         return {
             "pipeline": self._parent.get_state(),
             "bad_counts": dict(self._totals),
             "window": {"seen": self._window_seen, "bad": dict(self._window_bad)},
-            "records": self._records,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -301,7 +293,6 @@ class TrainIterator(grain.DatasetIterator):
         self._totals = {r: int(state["bad_counts"].get(r, 0)) for r in BAD_REASONS}
         self._window_seen = int(state["window"]["seen"])
         self._window_bad = {r: int(state["window"]["bad"].get(r, 0)) for r in BAD_REASONS}
-        self._records = int(state["records"])
 
     def __str__(self) -> str:
         return f"TrainIterator(process_index={self.process_index})"
@@ -338,10 +329,10 @@ def resolve_sources(config: ml_collections.ConfigDict) -> DataSources:
             raise FileNotFoundError(
                 f"data.tokenizer is neither a sentencepiece model nor a HF tokenizer directory: {tok}"
             )
+    elif d.train_files:  # validate_config refuses this before any work; this guards direct callers
+        raise ValueError("config.data.tokenizer is empty: real data (data.train_files) needs its tokenizer")
     else:
         tok = demo_data.tokenizer
-        if d.train_files:
-            log.warning("data.tokenizer is empty: using the demo tokenizer (%s) on real data", tok)
     eval_spec = config.eval.files if "eval" in config else ""
     if eval_spec:
         eval_files = records.shard_paths(eval_spec)
@@ -373,12 +364,15 @@ def make_train_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     include_ids: bool = False,
+    sources: DataSources | None = None,
+    tokenizer: Tokenizer | HFTokenizer | None = None,
 ) -> grain.IterDataset:
     """The pipeline as a grain IterDataset yielding batches with a "bad_counts" field.
 
     Most callers want `make_train_iterator`, which wraps this and removes the
     counts. `include_ids` adds int64 "index" (record index over all shards)
-    and "epoch" per example, for debugging and tests.
+    and "epoch" per example, for debugging and tests. `sources` and
+    `tokenizer`, when the caller has them already, are not resolved again.
     """
     if process_index is None or process_count is None:
         import jax  # only here: worker processes unpickle this module without needing jax
@@ -405,9 +399,10 @@ def make_train_dataset(
         if not 0 < lo <= hi:
             raise ValueError(f"data.{name} must be (low, high) with 0 < low <= high, got {(lo, hi)}")
 
-    src = resolve_sources(config)
+    src = sources or resolve_sources(config)
     text = config.model.text
-    tokenizer = load_tokenizer(src.tokenizer, text.context_length, pad_id=text.pad_id, eos_id=text.eos_id)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(src.tokenizer, text.context_length, pad_id=text.pad_id, eos_id=text.eos_id)
     if tokenizer.vocab_size > text.vocab_size:
         raise ValueError(
             f"tokenizer {src.tokenizer} has {tokenizer.vocab_size} ids but model.text.vocab_size is "
@@ -480,6 +475,8 @@ def make_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     include_ids: bool = False,
+    sources: DataSources | None = None,
+    tokenizer: Tokenizer | HFTokenizer | None = None,
 ) -> TrainIterator:
     """This process's infinite stream of training batches.
 
@@ -488,14 +485,20 @@ def make_train_iterator(
     L = model.text.context_length. None for process_index/process_count means
     jax.process_index()/jax.process_count(). With data.train_files == "" it
     reads the demo data (generated under data.cache_dir on first use).
-    Skipped-record counts: `iterator.bad_counts()`.
+    Skipped-record counts: `iterator.bad_counts()`. `sources` and `tokenizer`:
+    as in `make_train_dataset`.
     """
     if process_index is None:
         import jax
 
         process_index = jax.process_index()
     ds = make_train_dataset(
-        config, process_index=process_index, process_count=process_count, include_ids=include_ids
+        config,
+        process_index=process_index,
+        process_count=process_count,
+        include_ids=include_ids,
+        sources=sources,
+        tokenizer=tokenizer,
     )
     return TrainIterator(
         iter(ds),

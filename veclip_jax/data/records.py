@@ -23,13 +23,14 @@ can be read on its own (grain reads records in a random order).
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 
 import msgpack
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+from veclip_jax.data.paths import expand_paths
 
 FORMAT_VERSION = 1
 # group_size:1 makes every record its own chunk: random access costs one read.
@@ -218,25 +219,14 @@ def _check_shard(path: str) -> int:
 
 
 def shard_paths(spec: str | Sequence[str]) -> list[str]:
-    """Resolves shard paths: a comma-separated string or a list of paths or globs.
+    """Resolves shard paths: a path spec (paths.expand_paths: comma lists, `{a..b}` ranges, globs).
 
-    `~` is expanded; globs are sorted. Every file is opened once, so a missing,
-    unreadable or corrupt shard fails here, by name, rather than mid-run.
+    Every file is opened once, so a missing, unreadable or corrupt shard fails
+    here, by name, rather than mid-run.
     """
-    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
-    items = [s for s in items if s]
-    if not items:
+    paths = expand_paths(spec, what="data shards")
+    if not paths:
         raise ValueError("no data shards given")
-    paths: list[str] = []
-    for item in items:
-        item = os.path.expanduser(item)
-        if glob.has_magic(item):
-            matches = sorted(glob.glob(item))
-            if not matches:
-                raise FileNotFoundError(f"no data shards match {item!r}")
-            paths.extend(matches)
-        else:
-            paths.append(item)
     for p in paths:
         _check_shard(p)
     return paths

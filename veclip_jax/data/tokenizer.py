@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
+from veclip_jax import fileio
 from veclip_jax.data import captions, records
 
 # T5's ids (and therefore VeCLIP's). Also the defaults of configs/base.py.
@@ -263,10 +264,7 @@ def train_tokenizer(
         minloglevel=2,
     )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, out)  # atomic: a concurrent reader never sees half a model
+    fileio.atomic_write_bytes(out, model.getvalue())  # a concurrent reader never sees half a model
     return out
 
 

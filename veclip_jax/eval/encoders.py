@@ -18,9 +18,8 @@ from jax.sharding import Mesh
 
 from veclip_jax.data.image_ops import normalize
 from veclip_jax.models.clip import CLIP
-from veclip_jax.parallel.mesh import replicated
+from veclip_jax.parallel.mesh import batch_sharding, replicated
 from veclip_jax.parallel.rules import DEFAULT_RULES, LogicalRules
-from veclip_jax.train.state import batch_sharding
 
 
 class Encoders:

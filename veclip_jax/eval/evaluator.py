@@ -92,15 +92,6 @@ class Evaluator:
         self.caption_rows = np.asarray([i for i, c in enumerate(data.captions) if c])
         self.caption_tokens = tokenizer.encode_batch([data.captions[i] for i in self.caption_rows])
 
-    def chance(self) -> dict[str, float]:
-        """The metrics a model with random embeddings would expect (for reading the table)."""
-        out = {f"zeroshot/{a}_top1": 1 / len(t[0]) for a, t in self.tasks.items()}
-        n = len(self.caption_rows)
-        for k in self.recall_at:
-            out[f"retrieval/i2t_R@{k}"] = min(k / max(n, 1), 1.0)
-            out[f"retrieval/t2i_R@{k}"] = min(k / max(n, 1), 1.0)
-        return out
-
     def __call__(self, params: Any) -> dict[str, float]:
         image_embeds = self.encoders.images(params, self.data.images)
 

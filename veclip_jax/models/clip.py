@@ -124,3 +124,22 @@ def dummy_inputs(model: CLIP, batch: int = 1) -> tuple[jax.Array, jax.Array]:
     images = jnp.zeros((batch, model.image_size, model.image_size, 3), jnp.float32)
     tokens = jnp.zeros((batch, model.context_length), jnp.int32)
     return images, tokens
+
+
+def _abstract_params(model: CLIP) -> Any:
+    return jax.eval_shape(lambda r: model.init(r, *dummy_inputs(model))["params"], jax.random.key(0))
+
+
+def abstract_params(model: CLIP) -> Any:
+    """The parameter tree as ShapeDtypeStructs, without logical-axis boxes (no memory used)."""
+    return nn.unbox(_abstract_params(model))
+
+
+def param_logical_specs(model: CLIP) -> Any:
+    """Logical axis names of every parameter (no memory used)."""
+    return nn.get_partition_spec(_abstract_params(model))
+
+
+def param_count(model: CLIP) -> int:
+    """Number of parameters, from shapes only (no memory used)."""
+    return sum(x.size for x in jax.tree.leaves(abstract_params(model)))

@@ -1,4 +1,4 @@
-"""The device mesh from `config.mesh`, and multi-host start-up."""
+"""The device mesh from `config.mesh`, and how batches are laid out on it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from veclip_jax.parallel.rules import MESH_AXES
+from veclip_jax.parallel.rules import MESH_AXES, batch_spec
 
 
 def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, ...]:
@@ -44,36 +44,42 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
     """A ("data", "fsdp", "tensor") mesh with Auto axes (GSPMD propagation).
 
     `jax.make_mesh` orders the devices by the physical topology (ICI rings on
-    TPU), so the fastest links serve the innermost axis (tensor).
+    TPU), so the fastest links serve the innermost axis (tensor). A shape the
+    topology cannot hold is an error, not a silent fall-back to enumeration
+    order (which would route collectives over slow links).
     """
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(mesh_cfg, len(devices))
     try:
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
-    except (ValueError, NotImplementedError):
-        # A subset of devices that make_mesh cannot lay out physically.
-        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    except (ValueError, NotImplementedError) as e:
+        layout = dict(zip(MESH_AXES, shape, strict=True))
+        raise ValueError(
+            f"config.mesh={layout}: {len(devices)} {devices[0].device_kind} devices cannot be laid out in "
+            f"this shape along their physical links ({e}); choose axis sizes that follow the topology"
+        ) from e
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding of a value every device holds whole."""
     return NamedSharding(mesh, P())
 
 
-def batch_size_per_shard(mesh: Mesh, global_batch: int) -> int:
-    """Examples per batch shard; raises if the batch does not split evenly."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if global_batch % shards:
-        raise ValueError(
-            f"config.batch_size={global_batch} does not divide over data x fsdp = {shards} batch shards"
-        )
-    return global_batch // shards
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Sharding of a batch array of rank `ndim`: examples over data x fsdp."""
+    return NamedSharding(mesh, batch_spec(ndim))
 
 
-def initialize_distributed() -> None:
-    """Joins the other hosts of a multi-host job (TPU pod slice, GPU cluster).
+def global_batch(mesh: Mesh, local: dict[str, Any]) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays sharded over data x fsdp.
 
-    On Cloud TPU and under SLURM/Open MPI, JAX finds the coordinator itself;
-    elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
-    Call it before any other JAX work. A single process needs no call.
+    Every process passes its own slice (same shapes on every process); its
+    rows fill the batch positions held by its devices. One process: the local
+    batch is the global one. No data crosses hosts.
     """
-    jax.distributed.initialize()
+    out = {}
+    for name, x in local.items():
+        x = np.asarray(x)
+        shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+        out[name] = jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, shape)
+    return out

@@ -17,16 +17,23 @@ the temporary directory is removed the next time the manager opens.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
+from veclip_jax.models.clip import abstract_params, build_model
 from veclip_jax.train.state import TrainState
+from veclip_jax.workdir import CHECKPOINTS
 
-CHECKPOINTS = "checkpoints"
+
+def _restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The JSON metadata item of a checkpoint (no arrays read)."""
+    return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 
 class Checkpointer:
@@ -47,7 +54,8 @@ class Checkpointer:
         return self._mngr.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self._mngr.all_steps())
+        """The steps of every complete checkpoint, oldest first."""
+        return sorted(self._mngr.all_steps())
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -94,7 +102,7 @@ class Checkpointer:
 
     def metadata(self, step: int) -> dict[str, Any]:
         """The JSON metadata of a checkpoint (no arrays read)."""
-        return dict(self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        return _restore_meta(self._mngr, step)
 
     def wait(self) -> None:
         """Blocks until background saves are written; raises if one failed."""
@@ -138,7 +146,7 @@ def read_metadata(path: str, step: int | None = None) -> dict[str, Any]:
     root, step = resolve_checkpoint(path, step)
     mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
     try:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = _restore_meta(mngr, step)
     finally:
         mngr.close()
     return dict(meta, checkpoint=os.path.join(root, str(step)), step=step)
@@ -166,3 +174,27 @@ def restore_params(
     if abstract_params is not None:  # Orbax gives plain containers: our structure back
         params = jax.tree.unflatten(jax.tree.structure(abstract_params), jax.tree.leaves(params))
     return params, dict(r["meta"], checkpoint=os.path.join(root, str(step)), step=step)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedParams:
+    """A checkpoint's parameters with the model section they belong to."""
+
+    model_config: ml_collections.ConfigDict
+    params: Any  # on one device
+    checkpoint: str  # the step directory read
+
+
+def load_trained_params(path: str, step: int | None = None) -> TrainedParams:
+    """The parameters of a checkpoint of ours on the first device, and its `config.model`.
+
+    `path` as in `resolve_checkpoint`. What inference and export need; the
+    optimizer state and data iterator are not read.
+    """
+    meta = read_metadata(path, step)
+    model_cfg = ml_collections.ConfigDict(meta["config"]["model"])
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = abstract_params(build_model(model_cfg))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+    params, meta = restore_params(path, abstract, step=meta["step"])
+    return TrainedParams(model_cfg, params, meta["checkpoint"])

@@ -9,13 +9,12 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from veclip_jax.models.clip import CLIP, dummy_inputs
+from veclip_jax.models.clip import CLIP, abstract_params, dummy_inputs, param_logical_specs
 from veclip_jax.parallel.mesh import replicated
-from veclip_jax.parallel.rules import DEFAULT_RULES, LogicalRules, batch_spec
+from veclip_jax.parallel.rules import DEFAULT_RULES, LogicalRules
 
 
 @flax.struct.dataclass
@@ -32,26 +31,6 @@ class ShardedInit:
 
     state: TrainState
     shardings: TrainState  # same tree, NamedSharding leaves
-    logical_specs: Any  # params tree of logical PartitionSpecs
-
-
-def _abstract_params(model: CLIP) -> Any:
-    return jax.eval_shape(lambda r: model.init(r, *dummy_inputs(model))["params"], jax.random.key(0))
-
-
-def abstract_params(model: CLIP) -> Any:
-    """The parameter tree as ShapeDtypeStructs, without logical-axis boxes (no memory used)."""
-    return nn.unbox(_abstract_params(model))
-
-
-def param_logical_specs(model: CLIP) -> Any:
-    """Logical axis names of every parameter (no memory used)."""
-    return nn.get_partition_spec(_abstract_params(model))
-
-
-def param_count(model: CLIP) -> int:
-    """Number of parameters, from shapes only (no memory used)."""
-    return sum(x.size for x in jax.tree.leaves(abstract_params(model)))
 
 
 def state_shardings(
@@ -82,7 +61,7 @@ def init_train_state(
     shardings = state_shardings(model, tx, mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(_init_fn(model, tx), out_shardings=shardings)(rng)
-    return ShardedInit(state=state, shardings=shardings, logical_specs=param_logical_specs(model))
+    return ShardedInit(state=state, shardings=shardings)
 
 
 def _init_fn(model: CLIP, tx: optax.GradientTransformation):
@@ -98,23 +77,3 @@ def abstract_train_state(model: CLIP, tx: optax.GradientTransformation, sharding
     """The train state as ShapeDtypeStructs placed by `shardings`: a restore target, nothing allocated."""
     shapes = jax.eval_shape(_init_fn(model, tx), jax.random.key(0))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-
-
-def global_batch(mesh: Mesh, local: dict[str, Any]) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays sharded over data x fsdp.
-
-    Every process passes its own slice (same shapes on every process); its
-    rows fill the batch positions held by its devices. One process: the local
-    batch is the global one. No data crosses hosts.
-    """
-    out = {}
-    for name, x in local.items():
-        x = np.asarray(x)
-        shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
-        out[name] = jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, shape)
-    return out
-
-
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Sharding of a batch array of rank `ndim`: examples over data x fsdp."""
-    return NamedSharding(mesh, batch_spec(ndim))

@@ -29,9 +29,9 @@ from jax.sharding import PartitionSpec as P
 
 from veclip_jax.models.clip import CLIP
 from veclip_jax.objectives.clip import clip_loss
-from veclip_jax.parallel.mesh import replicated
+from veclip_jax.parallel.mesh import batch_sharding, replicated
 from veclip_jax.parallel.rules import BATCH_AXES, DEFAULT_RULES, LogicalRules
-from veclip_jax.train.state import TrainState, batch_sharding
+from veclip_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]

@@ -1,0 +1,101 @@
+"""Converts raw image-text pairs into ArrayRecord training shards (veclip_jax.data.convert).
+
+img2dataset webdataset tars, with VeCLIP's VeCap captions joined by image URL:
+
+    python launch/make_dataset.py --webdataset='/data/cc3m/{00000..00331}.tar' \\
+        --vecap_json='/data/vecap/*.json' --out=/data/vecap/train --num_shards=166 --workers=16
+
+A CSV/TSV table of image paths and captions:
+
+    python launch/make_dataset.py --table=/data/pairs.csv --image_root=/data/images \\
+        --out=/data/pairs/train --num_shards=8
+
+Rerunning the same command resumes: finished shards are kept, the rest are
+written. The summary is printed and written to OUT-stats.json. The veclip_jax
+package must be installed (`pip install -e .`, as `make setup` does).
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+from veclip_jax.data import convert
+from veclip_jax.data.readers.table import TableColumns
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(
+        prog="python launch/make_dataset.py",
+        description="Convert img2dataset webdataset tars or a CSV/TSV table into ArrayRecord shards.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--webdataset", help="input tars: comma-separated paths, {000..123} ranges, globs")
+    src.add_argument("--table", help="a CSV (or .tsv/.tab: tab-separated) table with a header line")
+    p.add_argument("--out", required=True, help="output prefix: OUT-00000-of-0000N.array_record, ...")
+    p.add_argument("--num_shards", type=int, required=True, help="output shards (webdataset: <= input tars)")
+    p.add_argument("--vecap_json", default="", help="VeCap JSON files {url: caption}, joined by URL")
+    p.add_argument("--source", default=None, help="corpus name stored in every record, e.g. cc3m")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
+    p.add_argument(
+        "--verify_images",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip images the training pipeline cannot decode (JPEGs decoded at 1/8 scale)",
+    )
+    t = p.add_argument_group("table inputs")
+    t.add_argument(
+        "--image_root", default=None, help="base of relative image paths (default: the table's dir)"
+    )
+    t.add_argument(
+        "--delimiter",
+        default=None,
+        help="separator; \\t or tab: a tab (default: tab for .tsv/.tab, else comma)",
+    )
+    defaults = TableColumns()
+    for field in ("image", "alt_text", "vecap_text", "key", "url"):
+        t.add_argument(f"--{field}_column", default=getattr(defaults, field), help=f"column of the {field}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the conversion; returns the exit status (1 if no record was written)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    common = dict(
+        vecap_json=args.vecap_json or None,
+        source=args.source,
+        workers=args.workers,
+        verify_images=args.verify_images,
+    )
+    if args.webdataset:
+        summary = convert.convert_webdataset(args.webdataset, args.out, args.num_shards, **common)
+    else:
+        columns = TableColumns(
+            image=args.image_column,
+            alt_text=args.alt_text_column,
+            vecap_text=args.vecap_text_column,
+            key=args.key_column,
+            url=args.url_column,
+        )
+        summary = convert.convert_table(
+            args.table,
+            args.out,
+            args.num_shards,
+            image_root=args.image_root,
+            columns=columns,
+            # A shell makes it hard to type a tab: "\t" and "tab" mean one.
+            delimiter={"\\t": "\t", "tab": "\t"}.get(args.delimiter, args.delimiter),
+            **common,
+        )
+    print(summary.format())
+    if summary.records == 0:
+        print("no record was written: check the inputs and the skip reasons above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run() -> None:
+    """The console script `veclip-make-dataset` (and `python launch/make_dataset.py`)."""
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Train a CLIP model: python launch/train.py --config=configs/demo.py --workdir=/tmp/demo
+(or `veclip-train ...` once the package is installed).
+
+Any config field can be overridden (`--config.batch_size=1024`,
+`--config.data.vecap_prob=0`). A bad config (unknown field, wrong type, value
+out of range, a mesh that does not fit the devices) is refused before any
+compute, with the field named (exit code 2). Rerunning with the same workdir
+resumes from its newest checkpoint. SIGTERM saves a checkpoint and exits 0.
+On a multi-host TPU slice or GPU cluster add `--distributed` (every host runs
+the same command).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from veclip_jax.config import ConfigError, check_overrides, validate_config
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Checkpoints, metrics and TensorBoard go here; reuse it to resume."
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU slices, SLURM, ...)."
+)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        check_overrides(argv)
+        return flags.FLAGS(argv)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    except flags.Error as e:  # a value that does not parse as the field's type
+        _fail(f"config: {e}", 2)
+    except (AttributeError, KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        _fail(f"config: {type(e).__name__}: {e}", 2)
+    raise AssertionError("unreachable")
+
+
+def _setup_logging() -> None:
+    from absl import logging as absl_logging
+
+    handler = absl_logging.get_absl_handler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    absl_logging.set_verbosity(absl_logging.WARNING)  # libraries (orbax, jax): warnings only
+    logging.getLogger("veclip_jax").setLevel(logging.INFO)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    config = _CONFIG.value
+    try:
+        validate_config(config)  # schema and ranges: no JAX needed, nothing computed
+    except ConfigError as e:
+        _fail(str(e), 2)
+    _setup_logging()
+
+    import jax
+
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    from veclip_jax.eval.report import print_eval_table
+    from veclip_jax.train.loop import NonFiniteTrainingError, train
+
+    try:
+        result = train(config, _WORKDIR.value)
+    except ConfigError as e:  # what needs the devices: mesh and batch layout, tokenizer vs workdir
+        _fail(str(e), 2)
+    except NonFiniteTrainingError as e:
+        _fail(str(e), 1)
+    if jax.process_index() == 0:
+        if result.preempted:
+            print(f"stopped at step {result.step}: checkpoint saved to {result.checkpoint}; "
+                  "rerun the same command to resume")  # fmt: skip
+        print_eval_table([_WORKDIR.value])
+
+
+def run() -> None:
+    """The console script `veclip-train` (and `python launch/train.py`)."""
+    app.run(main, flags_parser=_parse_flags)

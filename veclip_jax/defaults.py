@@ -1,0 +1,148 @@
+"""Every default of veclip-jax, documented: the schema every config is checked against.
+
+Experiment files (`configs/*.py`) start from `get_config()` and change what
+differs (`config.model = model_config("B/16")`, `config.data.vecap_prob = 0.5`);
+`veclip_jax/config.py` refuses any field that is not here, or of another type.
+
+  python launch/train.py --config=configs/base.py         (these defaults: the tiny model, demo data)
+  python launch/train.py --config=configs/base.py:B/16    (another of MODEL_SIZES)
+
+Override any field on the command line: --config.batch_size=1024.
+Training recipe defaults follow the fallback in shared/spec/VECLIP.md (an
+OpenCLIP-style recipe), *not* the paper's appendix, which could not be read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+# The towers. B/16 and H/14 are the released VeCLIP checkpoints' sizes (their
+# config.json); L/14 is OpenAI's L/14 shape (inferred, see VECLIP.md). All use
+# quick_gelu, LayerNorm eps 1e-5, 77 text positions and T5's 32,100-id
+# sentencepiece vocabulary (pad 0, end-of-text 1). `tiny` is for tests on a CPU.
+MODEL_SIZES: dict[str, dict] = {
+    "tiny": dict(
+        vision=dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_dim=256),
+        text=dict(vocab_size=1024, context_length=32, width=64, layers=2, heads=4, mlp_dim=256),
+        embed_dim=32,
+    ),
+    "B/16": dict(
+        vision=dict(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_dim=3072),
+        text=dict(vocab_size=32100, context_length=77, width=512, layers=12, heads=8, mlp_dim=2048),
+        embed_dim=512,
+    ),
+    "L/14": dict(
+        vision=dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096),
+        text=dict(vocab_size=32100, context_length=77, width=768, layers=12, heads=12, mlp_dim=3072),
+        embed_dim=768,
+    ),
+    "H/14": dict(
+        vision=dict(image_size=336, patch_size=14, width=1280, layers=32, heads=16, mlp_dim=5120),
+        text=dict(vocab_size=32100, context_length=77, width=1024, layers=24, heads=16, mlp_dim=4096),
+        embed_dim=1024,
+    ),
+}
+
+
+def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
+    """The model section for one of MODEL_SIZES, with the shared defaults."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"model size {size!r} is not one of {sorted(MODEL_SIZES)}")
+    s = MODEL_SIZES[size]
+    return ml_collections.ConfigDict(
+        dict(
+            size=size,  # informative only; the fields below are what is built
+            vision=dict(s["vision"]),
+            text=dict(s["text"], pad_id=0, eos_id=1),  # T5 sentencepiece convention
+            embed_dim=s["embed_dim"],
+            act="quick_gelu",  # "quick_gelu" (OpenAI CLIP, VeCLIP) or "gelu" (exact erf)
+            layer_norm_eps=1e-5,  # HF CLIP's; flax's own default is 1e-6
+            dtype="float32",  # compute dtype: "float32" or "bfloat16"; parameters stay float32
+            # Rematerialisation of each block in the backward pass: "none", "full",
+            # "dots" (keep matmul outputs), "dots_no_batch" (veclip_jax/models/layers.py).
+            remat="none",
+            attention="auto",  # "auto" (cuDNN flash attention on GPU in bf16, else XLA), "xla", "cudnn"
+            logit_scale_init=math.log(1 / 0.07),
+            logit_scale_max=100.0,  # exp(logit_scale) is clipped here
+        )
+    )
+
+
+def get_config(size: str | None = None) -> ml_collections.ConfigDict:
+    """All defaults; `size` (e.g. `--config=configs/base.py:B/16`) picks the towers."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # the one seed: initialisation, shuffling, crops and caption draws derive from it
+    c.batch_size = 64  # global, over all devices and hosts
+    c.total_steps = 200  # optimizer steps (batches) of the whole run, resumes included
+    c.log_every = 10  # a metrics.jsonl line, TensorBoard point and console line every N steps
+    c.eval_every = 100  # evaluate every N steps and at the end; 0 = never
+    c.checkpoint_every = 100  # save every N steps; the last step and SIGTERM always save; 0 = only those
+    c.keep_checkpoints = 3  # the newest N checkpoints are kept
+    c.async_checkpointing = True  # write checkpoints in the background while training goes on
+    c.max_nonfinite_steps = 10  # this many skipped (non-finite) steps in a row stop the run
+    # Parameters to start from (optimizer and data start fresh): a workdir or
+    # Orbax checkpoint directory of ours (its latest step, or DIR/checkpoints/STEP),
+    # or a HuggingFace CLIP directory. "" = random initialisation.
+    c.init_from = ""
+
+    c.model = model_config(size or "tiny")
+
+    # Device mesh: axis sizes; -1 takes the devices the others leave. The batch
+    # is split over data x fsdp; fsdp also shards parameters and optimizer
+    # state; tensor splits heads and MLP (veclip_jax/parallel/rules.py).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            learning_rate=5e-4,  # peak
+            warmup_steps=20,
+            end_lr_ratio=0.0,  # cosine floor, as a fraction of the peak
+            b1=0.9,
+            b2=0.98,
+            eps=1e-6,
+            weight_decay=0.2,  # decoupled; not on biases, norms, class token, positions, logit scale
+            grad_clip_norm=1.0,  # global norm; 0 disables
+            grad_accum_steps=1,  # micro-batches per step; exact for the contrastive loss
+        )
+    )
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            train_files="",  # ArrayRecord shards: comma-separated paths or globs; "" = demo data
+            tokenizer="",  # sentencepiece model; "" = the demo data's
+            cache_dir="~/.cache/veclip_jax",  # where the demo data is generated once
+            vecap_prob=0.5,  # P(VeCap caption) per example per epoch; 0 = AltText only (CLIP)
+            max_bad_fraction=0.01,  # more skipped records than this in a window is an error
+            bad_window=1000,  # records per window for max_bad_fraction
+            crop_scale=(0.9, 1.0),  # RandomResizedCrop area range (open_clip's default)
+            crop_ratio=(3 / 4, 4 / 3),  # RandomResizedCrop aspect range
+            decoder="simplejpeg",  # "simplejpeg" (falls back to PIL when absent) or "pil"
+            num_workers=0,  # worker processes (grain mp_prefetch); 0 = threads in this process
+            num_threads=4,  # reader threads per process
+            prefetch=4,  # batches buffered ahead
+        )
+    )
+
+    # Evaluation during training (veclip_jax/eval): zero-shot classification of
+    # every labelled attribute of the eval records, and image<->text retrieval
+    # with one caption per image.
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            files="",  # eval shards (records with `labels`); "" = the demo's held-out split on demo data
+            batch_size=256,  # images or texts per encoding batch (global)
+            caption_field="vecap_text",  # the retrieval caption: "vecap_text" or "alt_text"
+            recall_at=(1, 5),  # retrieval recall@k reported
+            # Prompt templates per labelled attribute ("{}" = the class name);
+            # attributes without templates are not classified. These fit the demo data.
+            templates=dict(
+                color=("a {} shape.", "an image of a {} object.", "a {} object on a background."),
+                shape=("a {}.", "an image of a {}.", "a {} shape."),
+                size=("a {} shape.", "an image of a {} object."),
+                position=("a shape at the {}.", "an image with an object at the {}."),
+                background=("a shape on a {} background.", "an image with a {} background."),
+            ),
+        )
+    )
+    return c

@@ -1,0 +1,209 @@
+"""Export to a HuggingFace `transformers.CLIPModel` directory (the table: veclip_jax/hf/__init__.py).
+
+Export writes what `CLIPModel.from_pretrained` and `AutoProcessor.from_pretrained`
+load offline: config.json, model.safetensors, the tokenizer (our
+sentencepiece model as a T5 tokenizer: same ids, `</s>` appended, padding 0)
+and preprocessor_config.json (our evaluation preprocessing: shorter side to
+the image size, bicubic, centre crop, CLIP mean/std).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from veclip_jax.data.image_ops import CLIP_MEAN, CLIP_STD
+from veclip_jax.hf import WEIGHTS
+
+# --- parameters ---------------------------------------------------------------------------------------
+
+
+def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    if isinstance(tree, dict):
+        for k in sorted(tree):
+            yield from _flatten(tree[k], (*prefix, str(k)))
+    else:
+        yield prefix, np.asarray(tree, np.float32)
+
+
+def _to_hf_tensor(path: tuple[str, ...], x: np.ndarray) -> tuple[str, np.ndarray]:
+    """One of our (per-layer) tensors -> (HF name suffix, HF array)."""
+    *module, leaf = path
+    name = ".".join(module)
+    if leaf == "kernel":
+        if module[-1] == "patch_embedding":
+            return f"{name}.weight", x.transpose(3, 2, 0, 1)
+        if module[-1] in ("q_proj", "k_proj", "v_proj"):
+            return f"{name}.weight", x.reshape(x.shape[0], -1).T
+        if module[-1] == "out_proj":
+            return f"{name}.weight", x.reshape(-1, x.shape[-1]).T
+        return f"{name}.weight", x.T
+    if leaf == "bias":
+        return f"{name}.bias", x.reshape(-1)
+    if leaf == "scale":
+        return f"{name}.weight", x
+    if leaf in ("class_embedding",):
+        return f"{name}.{leaf}", x
+    if leaf in ("position_embedding", "token_embedding"):
+        return f"{name}.{leaf}.weight", x
+    raise ValueError(f"no HF name for parameter {'/'.join(path)}")
+
+
+def params_to_hf(params: Any, logit_scale_max: float = 100.0) -> dict[str, np.ndarray]:
+    """Our parameter tree -> a `CLIPModel` state dict (numpy float32, HF layouts)."""
+    out: dict[str, np.ndarray] = {}
+    for path, x in _flatten(params):
+        if path == ("logit_scale",):
+            out["logit_scale"] = np.asarray(min(float(x), math.log(logit_scale_max)), np.float32)
+            continue
+        if "layers" in path:  # the scanned stack: split the leading axis into HF's numbered layers
+            i = path.index("layers")
+            for layer in range(x.shape[0]):
+                name, arr = _to_hf_tensor(path[i + 1 :], x[layer])
+                out[".".join(path[:i]) + f".layers.{layer}.{name}"] = np.ascontiguousarray(arr)
+        else:
+            name, arr = _to_hf_tensor(path, x)
+            out[name] = np.ascontiguousarray(arr)
+    return out
+
+
+# --- configs, directories -----------------------------------------------------------------------------
+
+
+def hf_config(model_cfg: Any) -> Any:
+    """A `transformers.CLIPConfig` for our model section (sizes, activation, eps, token ids)."""
+    import transformers
+
+    v, t = model_cfg.vision, model_cfg.text
+    cfg = transformers.CLIPConfig(
+        projection_dim=model_cfg.embed_dim,
+        logit_scale_init_value=model_cfg.logit_scale_init,
+        text_config=dict(
+            vocab_size=t.vocab_size,
+            hidden_size=t.width,
+            intermediate_size=t.mlp_dim,
+            num_hidden_layers=t.layers,
+            num_attention_heads=t.heads,
+            max_position_embeddings=t.context_length,
+            hidden_act=model_cfg.act,
+            layer_norm_eps=model_cfg.layer_norm_eps,
+            projection_dim=model_cfg.embed_dim,
+            # HF pools the text at the first eos_token_id (unless it is 2: argmax of ids).
+            eos_token_id=t.eos_id,
+            pad_token_id=t.pad_id,
+            bos_token_id=t.eos_id,  # T5 has no begin token; HF CLIP does not use it
+        ),
+        vision_config=dict(
+            hidden_size=v.width,
+            intermediate_size=v.mlp_dim,
+            num_hidden_layers=v.layers,
+            num_attention_heads=v.heads,
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+            hidden_act=model_cfg.act,
+            layer_norm_eps=model_cfg.layer_norm_eps,
+            projection_dim=model_cfg.embed_dim,
+        ),
+    )
+    cfg.architectures = ["CLIPModel"]
+    return cfg
+
+
+def _publish_permissions(directory: str) -> None:
+    """mkdtemp makes a private (0700) directory: give it and its files the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for name in os.listdir(directory):
+        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
+
+
+def hf_tokenizer(tokenizer: Any, context_length: int) -> Any:
+    """A transformers tokenizer that tokenises as ours: a HF tokenizer as it is, or our
+    sentencepiece model as a T5 tokenizer (same ids, `</s>` appended, padding 0)."""
+    import transformers
+
+    if hasattr(tokenizer, "hf"):  # veclip_jax.data.tokenizer.HFTokenizer
+        return tokenizer.hf
+    with tempfile.TemporaryDirectory() as spm_dir:
+        with open(os.path.join(spm_dir, "spiece.model"), "wb") as f:
+            f.write(tokenizer.model_proto)
+        # T5Tokenizer in transformers 5 converts the sentencepiece model only in from_pretrained.
+        return transformers.T5Tokenizer.from_pretrained(spm_dir, extra_ids=0, model_max_length=context_length)
+
+
+def save_hf_directory(
+    out: str,
+    params: Any,
+    model_cfg: Any,
+    tokenizer: Any,
+    *,
+    force: bool = False,
+) -> str:
+    """Writes a transformers CLIP directory for our parameters and tokenizer; returns its path.
+
+    `tokenizer` is the run's (veclip_jax.data.tokenizer: Tokenizer or HFTokenizer).
+    Written into a temporary sibling and renamed into place, so `out` is never
+    left half-written. Refuses an existing `out` unless `force`.
+    """
+    import safetensors.numpy
+    import transformers
+
+    out = os.path.abspath(os.path.expanduser(out))
+    if os.path.exists(out) and not force:
+        raise FileExistsError(f"{out} exists: pass --force to replace it")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+    try:
+        hf_config(model_cfg).save_pretrained(tmp)
+        tensors = params_to_hf(params, model_cfg.logit_scale_max)
+        safetensors.numpy.save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        tokenizer = hf_tokenizer(tokenizer, model_cfg.text.context_length)
+        size = model_cfg.vision.image_size
+        image_processor = transformers.CLIPImageProcessorPil(
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            resample=3,  # PIL bicubic, as veclip_jax.data.image_ops.resize_center_crop
+            image_mean=list(CLIP_MEAN),
+            image_std=list(CLIP_STD),
+        )
+        transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)  # preprocessor_config.json, for CLIPImageProcessor alone
+        _publish_permissions(tmp)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def export_checkpoint(checkpoint: str, out: str, *, step: int | None = None, force: bool = False) -> str:
+    """A workdir / checkpoint of ours -> a transformers CLIP directory at `out` (see `save_hf_directory`)."""
+    import jax
+
+    from veclip_jax.data.tokenizer import load_tokenizer
+    from veclip_jax.train.checkpoint import load_trained_params
+    from veclip_jax.workdir import find_tokenizer
+
+    if os.path.exists(os.path.expanduser(out)) and not force:
+        raise FileExistsError(f"{out} exists: pass --force to replace it")  # before loading anything
+    trained = load_trained_params(checkpoint, step)
+    t = trained.model_config.text
+    tokenizer = load_tokenizer(
+        find_tokenizer(trained.checkpoint), t.context_length, pad_id=t.pad_id, eos_id=t.eos_id
+    )
+    return save_hf_directory(
+        out,
+        jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), trained.params),
+        trained.model_config,
+        tokenizer,
+        force=force,
+    )
