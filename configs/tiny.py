@@ -20,5 +20,5 @@ def get_config():
     c.optim.learning_rate = 1e-3
     c.data.num_threads = 2
     c.data.prefetch = 2
-    c.eval.batch_size = 128
+    c.eval_batch_size = 128
     return c

@@ -98,7 +98,13 @@ def _with(**changes):
         (dict(model__text__eos_id=5000), "config.model.text.eos_id"),
         (dict(model__dtype="float16"), "config.model.dtype"),
         (dict(mesh__data=0), "config.mesh.data"),
-        (dict(eval__caption_field="caption"), "config.eval.caption_field"),
+        (dict(evals__demo_retrieval__caption_field="caption"), "config.evals.demo_retrieval.caption_field"),
+        (dict(evals__demo_color__type="zero_shot"), "config.evals.demo_color.type"),
+        (dict(evals__demo_color__every=-5), "config.evals.demo_color.every"),
+        (dict(evals__demo_color__dataset="imagenet"), "config.evals.demo_color.dataset"),
+        (dict(evals__demo_color__recall_at=(1,)), "config.evals.demo_color.recall_at is not a field"),
+        (dict(evals__demo_retrieval__recall_at=(0,)), "config.evals.demo_retrieval.recall_at"),
+        (dict(evals__demo_color__max_examples="10"), "config.evals.demo_color.max_examples='10': expected"),
     ],
 )
 def test_out_of_range_values_are_refused_by_name(changes, field):
@@ -127,13 +133,21 @@ def test_unknown_and_missing_fields_are_refused_by_name():
         validate_config(c)
 
 
-def test_eval_templates_are_free_form_but_checked():
+def test_evals_are_a_free_form_registry_whose_entries_are_checked():
     c = defaults.get_config()
-    c.eval.templates.texture = ("a {} surface.",)
+    c.evals.imagenet = dict(type="zeroshot_classification", dataset="tfds:imagenet2012", split="validation",
+                            classnames="imagenet1k", templates="clip_80", every=5000)  # fmt: skip
+    c.evals.texture = dict(
+        type="zeroshot_classification", dataset="folder:/data/dtd", templates=("a {} surface.",)
+    )
+    c.evals.probe = dict(type="linear_probe", dataset="tfds:cifar10", split="test", train_split="train")
     validate_config(c)
-    c.eval.templates.texture = ("no placeholder",)
-    with pytest.raises(ConfigError, match=r"config\.eval\.templates\.texture"):
+    c.evals.texture.templates = ("no placeholder",)
+    with pytest.raises(ConfigError, match=r"config\.evals\.texture\.templates"):
         validate_config(c)
+    c = defaults.get_config()
+    c.evals = {}  # no evaluation at all
+    validate_config(c)
 
 
 @pytest.mark.parametrize(
@@ -143,7 +157,7 @@ def test_eval_templates_are_free_form_but_checked():
         (dict(mesh__fsdp=2, mesh__data=2), 8, r"covers 4 devices"),
         (dict(batch_size=60), 8, r"config\.batch_size=60 does not divide over data x fsdp = 8"),
         (dict(optim__grad_accum_steps=3), 8, r"config\.optim\.grad_accum_steps=3"),
-        (dict(eval__batch_size=100), 8, r"config\.eval\.batch_size=100"),
+        (dict(eval_batch_size=100), 8, r"config\.eval_batch_size=100"),
     ],
 )
 def test_a_mesh_or_batch_that_does_not_fit_is_refused(changes, devices, match):
@@ -156,7 +170,7 @@ def test_override_of_an_unknown_field_is_refused_with_a_suggestion():
         check_overrides(["train.py", "--config.batchsize=8"])
     with pytest.raises(ConfigError, match=r"did you mean --config\.data\.vecap_prob\?"):
         check_overrides(["train.py", "--config.data.vecap_probs=0"])
-    check_overrides(["train.py", "--config.data.vecap_prob=0", "--config.eval.templates.texture=('{}',)"])
+    check_overrides(["train.py", "--config.data.vecap_prob=0", "--config.evals.demo_color.every=7"])
 
 
 @pytest.mark.parametrize(

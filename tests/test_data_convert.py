@@ -507,3 +507,23 @@ def test_command_line_converts_then_resumes(wds, tmp_path):
     assert "(0 written now, 2 done before)" in second.stdout
     with open(convert.stats_path(out)) as f:
         assert json.load(f)["records"] == 7
+
+
+def test_table_rows_that_are_not_utf8_or_not_csv_are_skipped_counted_and_named(tmp_path, caplog):
+    # Issue 10, case 9: one non-UTF-8 byte aborted the whole conversion with a traceback.
+    (tmp_path / "a.jpg").write_bytes(_image(40))
+    lines = [
+        b"image,alt_text,key,notes",
+        b"a.jpg,good one,g1,",
+        b"a.jpg,caf\xe9 latin-1,bad1,",  # not UTF-8: skipped
+        b"a.jpg," + b"x" * 200_000 + b",bad2,",  # over csv.field_size_limit(): the csv module refuses it
+        b"a.jpg,good two,g2,\xff only in a column nobody reads",
+    ]
+    (tmp_path / "pairs.csv").write_bytes(b"\n".join(lines) + b"\n")
+    with caplog.at_level("WARNING"):
+        summary = convert.convert_table(str(tmp_path / "pairs.csv"), str(tmp_path / "out" / "t"), 1)
+    [shard] = _read_shards(str(tmp_path / "out" / "t"), 1)
+    assert sorted(r.key for r in shard) == ["g1", "g2"]
+    assert summary.skipped == {"bad_row": 2}
+    assert f"{tmp_path / 'pairs.csv'} line 3: not UTF-8" in caplog.text
+    assert f"{tmp_path / 'pairs.csv'} line 4" in caplog.text

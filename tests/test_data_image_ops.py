@@ -133,3 +133,60 @@ def test_reduced_scale_decode_matches_a_full_resolution_crop():
     out = image_ops.decode_random_crop(_jpeg(img), np.random.default_rng(9), decoder="simplejpeg", **kw)
     ref = np.asarray(Image.fromarray(img).resize((64, 64), Image.Resampling.BICUBIC, box=box))
     assert np.abs(out.astype(int) - ref.astype(int)).mean() < 2.0
+
+
+def _gray_ramp() -> np.ndarray:
+    return np.tile(np.arange(0, 256, 4, dtype=np.uint8), (16, 1))  # 16 x 64, values 0..252
+
+
+def _in_mode(gray: np.ndarray, mode: str) -> Image.Image:
+    """The 8-bit picture `gray` as a PIL image of `mode`, with the same intensities in that mode's range."""
+    h, w = gray.shape
+    if mode in ("I;16", "I;16B"):
+        return Image.frombytes(
+            mode, (w, h), (gray.astype(">u2" if mode == "I;16B" else "<u2") * 257).tobytes()
+        )
+    if mode == "I":
+        return Image.fromarray(gray.astype(np.int32) * 257)
+    if mode == "F":
+        return Image.fromarray(gray.astype(np.float32) / 255)
+    if mode == "LA":
+        return Image.fromarray(np.stack([gray, np.full_like(gray, 200)], -1))
+    rgb = Image.fromarray(np.stack([gray] * 3, -1))
+    if mode == "PA":
+        return rgb.convert("P", palette=Image.Palette.ADAPTIVE).convert("PA")
+    if mode == "1":
+        return Image.fromarray(np.where(gray > 127, 255, 0).astype(np.uint8)).convert("1")
+    return rgb.convert(mode)  # CMYK, L, RGBA
+
+
+ALL_MODES = ("I;16", "I;16B", "I", "F", "LA", "PA", "CMYK", "1", "L", "RGBA")
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_every_pil_mode_converts_to_rgb_uint8_with_its_intensities(mode):
+    # Issue 10, case 8: PIL's convert("RGB") clips 16-bit values to 255 (a 16-bit PNG became near-white).
+    gray = _gray_ramp()
+    want = np.where(gray > 127, 255, 0) if mode == "1" else gray.astype(int)
+    rgb = np.asarray(image_ops.to_rgb(_in_mode(gray, mode)))
+    assert rgb.dtype == np.uint8 and rgb.shape == (*gray.shape, 3)
+    assert np.abs(rgb.astype(int) - want[..., None]).max() <= 1
+
+
+FILES = [("I;16", "PNG"), ("I;16B", "TIFF"), ("I", "TIFF"), ("F", "TIFF"), ("LA", "PNG"), ("PA", "TIFF"),
+         ("CMYK", "TIFF"), ("1", "PNG")]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode,fmt", FILES)
+def test_high_bit_depth_and_odd_mode_files_train_evaluate_and_verify_with_their_intensities(mode, fmt):
+    gray = _gray_ramp()
+    buf = io.BytesIO()
+    _in_mode(gray, mode).save(buf, format=fmt)
+    data = buf.getvalue()
+    want = float(np.where(gray > 127, 255, 0).mean() if mode == "1" else gray.mean())
+    crop = image_ops.decode_random_crop(data, np.random.default_rng(0), size=16, scale=(1.0, 1.0),
+                                        ratio=(4.0, 4.0), decoder="pil")  # fmt: skip
+    ev = image_ops.decode_eval_image(data, 16)  # the shorter side (16) kept: a centre 16 x 16 crop
+    assert abs(crop.mean() - want) < 6, crop.mean()
+    assert abs(ev.mean() - gray[:, 24:40].mean()) < 6 if mode != "1" else ev.max() == 255
+    assert image_ops.image_decodes(data)

@@ -79,15 +79,47 @@ class LoadedCLIP:
         return self._encoders.texts(self.params, self.tokenize(texts))
 
     def encode_image(self, images: Sequence[ImageLike] | ImageLike) -> np.ndarray:
-        """float32 [n, embed_dim], L2-normalised, from PIL images or uint8 [H, W, 3] arrays of any size.
+        """float32 [n, embed_dim], L2-normalised, from images of any size.
 
-        A uint8 array [n, H, W, 3] is a batch of n images.
+        An image is a PIL image (any mode) or a uint8 array: [H, W] (grayscale),
+        [H, W, 1], [H, W, 3] (RGB) or [H, W, 4] (RGBA, alpha dropped). A uint8
+        array [n, H, W, C] or a list is a batch. Float arrays are refused (their
+        range is ambiguous: scale to 0-255 uint8 first); anything else raises
+        TypeError or ValueError saying what is accepted.
         """
-        if isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim == 3):
+        if isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
             images = [images]
-        if not len(images):
+        elif isinstance(images, np.ndarray) and images.ndim != 4:
+            raise ValueError(f"an image array is [H, W] or [H, W, C], a batch [n, H, W, C]: {images.shape}")
+        elif not isinstance(images, np.ndarray | Sequence) or isinstance(images, str | bytes):
+            raise TypeError(f"encode_image takes a PIL image, a uint8 array or a list of them, "
+                            f"not {type(images).__name__}")  # fmt: skip
+        pixels = [self.preprocess(_checked_image(im)) for im in images]
+        if not pixels:
             return np.zeros((0, self.model.embed_dim), np.float32)
-        return self._encoders.images(self.params, np.stack([self.preprocess(im) for im in images]))
+        return self._encoders.images(self.params, np.stack(pixels))
+
+
+def _checked_image(image: Any) -> Image.Image | np.ndarray:
+    """One image as the preprocessing takes it: PIL, or a uint8 [H, W, 3] array."""
+    if isinstance(image, Image.Image):
+        return image
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"an image is a PIL image or a uint8 numpy array, not {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise TypeError(
+            f"image arrays must be uint8 in 0-255, got {image.dtype} (for floats in [0, 1]: "
+            "(x * 255).round().astype(np.uint8))"
+        )
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"an image array is [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {image.shape}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"an image needs at least one pixel, got shape {image.shape}")
+    if image.shape[-1] == 1:
+        return np.repeat(image, 3, axis=-1)
+    return image[..., :3]
 
 
 

@@ -22,12 +22,17 @@ from typing import Any
 import ml_collections
 
 from veclip_jax import defaults
+from veclip_jax.errors import UserError
+from veclip_jax.eval import registry
 
-# Fields whose keys are data, not schema (attribute names of eval labels).
-FREE_FORM = {"eval.templates"}
+# Fields whose keys are data, not schema: the evaluation registry's entry names (each entry
+# is checked by veclip_jax/eval/registry.py instead).
+FREE_FORM = {"evals", "data.sources"}  # data.sources: names -> defaults.SOURCE_FIELDS, checked below
+# Integer fields end up in int32 arrays (step counters, seeds): anything wider overflows later.
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config field that is unknown, missing, of the wrong type or out of range."""
 
 
@@ -76,6 +81,8 @@ def _check_schema(config: Any, schema: Any, prefix: str) -> None:
             raise ConfigError(
                 f"config.{name}={value!r}: expected {type(default).__name__}, got {type(value).__name__}"
             )
+        elif isinstance(value, int) and not isinstance(value, bool) and not _INT_MIN <= value <= _INT_MAX:
+            raise ConfigError(f"config.{name}={value}: an integer field must lie in [{_INT_MIN}, {_INT_MAX}]")
 
 
 Check = tuple[str, Callable[[Any], bool], str]
@@ -145,9 +152,7 @@ _RANGES: list[Check] = [
     ("data.num_workers", lambda x: x >= 0, "must be >= 0"),
     ("data.num_threads", _positive, "must be >= 1"),
     ("data.prefetch", _positive, "must be >= 1"),
-    ("eval.batch_size", _positive, "must be >= 1"),
-    ("eval.caption_field", lambda x: x in ("vecap_text", "alt_text"), "must be 'vecap_text' or 'alt_text'"),
-    ("eval.recall_at", lambda v: len(v) > 0 and all(k >= 1 for k in v), "must be ks >= 1"),
+    ("eval_batch_size", _positive, "must be >= 1"),
 ]
 
 
@@ -181,19 +186,53 @@ def _check_ranges(config: Any) -> None:
             raise ConfigError(
                 f"config.model.text.{name}={m.text[name]} is outside vocab_size={m.text.vocab_size}"
             )
-    if config.data.train_files and not config.data.tokenizer:
+    _check_sources(config.data)
+    if (config.data.train_files or config.data.sources) and not config.data.tokenizer:
         raise ConfigError(
-            "config.data.tokenizer is empty but config.data.train_files is set: real data needs its "
-            "tokenizer (a sentencepiece model, e.g. T5's spiece.model, or a HF tokenizer directory); "
+            "config.data.tokenizer is empty but config.data.train_files (or sources) is set: real data "
+            "needs its tokenizer (a sentencepiece model, e.g. T5's spiece.model, or a HF tokenizer "
+            "directory); "
             "the demo tokenizer knows only the demo captions. Train one with "
             "`python -m veclip_jax.data.tokenizer --input=SHARDS --out=spiece.model`"
         )
     warmup = config.optim.warmup_steps
     if warmup >= config.total_steps:
         raise ConfigError(f"config.optim.warmup_steps={warmup} must be < total_steps={config.total_steps}")
-    for attribute, templates in config.eval.templates.items():
-        if isinstance(templates, str) or not all(isinstance(t, str) and "{}" in t for t in templates):
-            raise ConfigError(f"config.eval.templates.{attribute}: a tuple of strings each holding '{{}}'")
+    for name, entry in config.evals.items():
+        try:
+            plain = entry.to_dict() if isinstance(entry, ml_collections.ConfigDict) else entry
+            registry.check_entry(name, plain)
+        except ValueError as e:
+            raise ConfigError(f"config.evals.{e}") from None
+
+
+def _check_sources(data: Any) -> None:
+    """config.data.sources: entries of SOURCE_FIELDS (absent ones take their default), typed, in range."""
+    if data.sources and data.train_files:
+        raise ConfigError("config.data.train_files and config.data.sources are both set: use one")
+    fields = defaults.SOURCE_FIELDS
+    for name, entry in data.sources.items():
+        where = f"config.data.sources.{name}"
+        if not str(name).isidentifier():
+            raise ConfigError(f"{where}: a source name must be an identifier (it names metrics)")
+        if not _is_section(entry):
+            raise ConfigError(f"{where} must be a dict of {', '.join(fields)}")
+        for key, value in entry.items():
+            if key not in fields:
+                close = difflib.get_close_matches(str(key), list(fields), n=1)
+                hint = f" (did you mean {where}.{close[0]}?)" if close else ""
+                raise ConfigError(f"{where}.{key} is not a source field ({', '.join(fields)}){hint}")
+            if not _type_ok(value, fields[key]):
+                raise ConfigError(f"{where}.{key}={value!r}: expected {type(fields[key]).__name__}")
+        e = {**fields, **entry}
+        if not e["files"]:
+            raise ConfigError(f"{where}.files is empty: give the source's files (a path spec)")
+        if not (e["weight"] > 0 and math.isfinite(e["weight"])):
+            raise ConfigError(f"{where}.weight={e['weight']!r}: must be > 0")
+        if not (e["vecap_prob"] == -1 or 0 <= e["vecap_prob"] <= 1):
+            raise ConfigError(
+                f"{where}.vecap_prob={e['vecap_prob']!r}: must be -1 (= data.vecap_prob) or in [0, 1]"
+            )
 
 
 def _check_layout(config: Any, num_devices: int, process_count: int) -> None:
@@ -214,9 +253,11 @@ def _check_layout(config: Any, num_devices: int, process_count: int) -> None:
         raise ConfigError(
             f"config.optim.grad_accum_steps={k} does not divide the {b // shards} examples per batch shard"
         )
-    if config.eval_every and config.eval.batch_size % shards:
+    eb = config.eval_batch_size
+    if config.eval_every and (eb % shards or eb % process_count):
         raise ConfigError(
-            f"config.eval.batch_size={config.eval.batch_size} does not divide over {shards} batch shards"
+            f"config.eval_batch_size={eb} does not divide over {shards} batch shards "
+            f"and {process_count} processes"
         )
 
 

@@ -70,6 +70,20 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
     )
 
 
+# The fields of one entry of config.data.sources (veclip_jax/data/sources.py), with their defaults.
+SOURCE_FIELDS: dict[str, object] = dict(
+    files="",  # path spec, as data.train_files; one format per source (.array_record, .tar, .parquet)
+    weight=1.0,  # sampling weight in the mixture (> 0; normalised over the sources)
+    vecap_prob=-1.0,  # P(VeCap caption) for this source; -1 = data.vecap_prob
+    # Where the captions and the image are; "" = the format's default, "none" = not used.
+    # ArrayRecord: alt_text / vecap_text. Tar: a member extension ("txt") or "json:KEY" (a key
+    # of the .json member). Parquet: a column name.
+    alt_text_field="",  # default: alt_text / txt (else json:caption) / caption
+    vecap_text_field="",  # default: vecap_text / none / none
+    image_field="",  # default: jpeg / the first of jpg, jpeg, png, webp / the first such column or image
+)
+
+
 def get_config(size: str | None = None) -> ml_collections.ConfigDict:
     """All defaults; `size` (e.g. `--config=configs/base.py:B/16`) picks the towers."""
     c = ml_collections.ConfigDict()
@@ -77,7 +91,7 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = 64  # global, over all devices and hosts
     c.total_steps = 200  # optimizer steps (batches) of the whole run, resumes included
     c.log_every = 10  # a metrics.jsonl line, TensorBoard point and console line every N steps
-    c.eval_every = 100  # evaluate every N steps and at the end; 0 = never
+    c.eval_every = 100  # run config.evals every N steps (entries may set their own) and at the end; 0 = never
     c.checkpoint_every = 100  # save every N steps; the last step and SIGTERM always save; 0 = only those
     c.keep_checkpoints = 3  # the newest N checkpoints are kept
     c.async_checkpointing = True  # write checkpoints in the background while training goes on
@@ -110,7 +124,9 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(
         dict(
-            train_files="",  # ArrayRecord shards: comma-separated paths or globs; "" = demo data
+            # One source: ArrayRecord shards, WebDataset tars or Parquet files (format from the
+            # extension): comma-separated paths, {000..127} ranges, globs; "" = demo data (or `sources`)
+            train_files="",
             tokenizer="",  # sentencepiece model; "" = the demo data's
             cache_dir="~/.cache/veclip_jax",  # where the demo data is generated once
             vecap_prob=0.5,  # P(VeCap caption) per example per epoch; 0 = AltText only (CLIP)
@@ -122,26 +138,38 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
             num_workers=0,  # worker processes (grain mp_prefetch); 0 = threads in this process
             num_threads=4,  # reader threads per process
             prefetch=4,  # batches buffered ahead
+            # Several corpora mixed by weight, instead of train_files: name -> a dict of
+            # SOURCE_FIELDS (below), e.g. {"dfn": dict(files="/data/dfn/*.tar", weight=0.5), ...}
+            sources=ml_collections.ConfigDict(),
+            shuffle_buffer=1000,  # tar/Parquet sources: samples per shuffle window of each reader
         )
     )
 
-    # Evaluation during training (veclip_jax/eval): zero-shot classification of
-    # every labelled attribute of the eval records, and image<->text retrieval
-    # with one caption per image.
-    c.eval = ml_collections.ConfigDict(
+    # Evaluations (veclip_jax/eval/registry.py documents an entry): name -> task type,
+    # dataset and options. Training runs each at its `every` (0 = eval_every) and at
+    # the end; `launch/eval.py --model=WORKDIR` runs the same entries. Metrics are
+    # logged as NAME/METRIC. These defaults evaluate the demo data's held-out split
+    # (skipped when training on other data): zero-shot top-1 of each labelled
+    # attribute, prompts that fit the demo, and retrieval with each VeCap caption.
+    c.eval_batch_size = 256  # images or texts per encoding batch (global)
+
+    def demo_zeroshot(attribute: str, *templates: str) -> dict:
+        return dict(
+            type="zeroshot_classification", dataset="demo", label_field=attribute, templates=templates
+        )
+
+    c.evals = ml_collections.ConfigDict(
         dict(
-            files="",  # eval shards (records with `labels`); "" = the demo's held-out split on demo data
-            batch_size=256,  # images or texts per encoding batch (global)
-            caption_field="vecap_text",  # the retrieval caption: "vecap_text" or "alt_text"
-            recall_at=(1, 5),  # retrieval recall@k reported
-            # Prompt templates per labelled attribute ("{}" = the class name);
-            # attributes without templates are not classified. These fit the demo data.
-            templates=dict(
-                color=("a {} shape.", "an image of a {} object.", "a {} object on a background."),
-                shape=("a {}.", "an image of a {}.", "a {} shape."),
-                size=("a {} shape.", "an image of a {} object."),
-                position=("a shape at the {}.", "an image with an object at the {}."),
-                background=("a shape on a {} background.", "an image with a {} background."),
+            demo_color=demo_zeroshot("color", "a {} shape.", "an image of a {} object.",
+                                     "a {} object on a background."),  # fmt: skip
+            demo_shape=demo_zeroshot("shape", "a {}.", "an image of a {}.", "a {} shape."),
+            demo_size=demo_zeroshot("size", "a {} shape.", "an image of a {} object."),
+            demo_position=demo_zeroshot("position", "a shape at the {}.",
+                                        "an image with an object at the {}."),  # fmt: skip
+            demo_background=demo_zeroshot("background", "a shape on a {} background.",
+                                          "an image with a {} background."),  # fmt: skip
+            demo_retrieval=dict(
+                type="retrieval", dataset="demo", caption_field="vecap_text", recall_at=(1, 5)
             ),
         )
     )

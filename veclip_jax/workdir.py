@@ -2,6 +2,8 @@
 
   WORKDIR/
     checkpoints/STEP/   Orbax checkpoints (veclip_jax/train/checkpoint.py)
+    checkpoints-damaged/STEP-TIME/  checkpoints that failed to restore, set aside
+    .lock               held by the running trainer (host, pid)
     config.json         the config the run last ran with
     spiece.model        the run's sentencepiece tokenizer (or tokenizer/, a HF tokenizer directory)
     metrics.jsonl       training metrics, a line per logged step
@@ -13,19 +15,26 @@ A workdir is self-contained: export and `veclip_jax.load` need nothing else.
 
 from __future__ import annotations
 
+import fcntl
 import filecmp
+import json
 import os
 import shutil
+import socket
+import time
 
 from veclip_jax.config import ConfigError
+from veclip_jax.errors import WorkdirBusyError
 
 CHECKPOINTS = "checkpoints"
+DAMAGED_CHECKPOINTS = "checkpoints-damaged"  # damaged checkpoints, set aside (never deleted)
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "spiece.model"  # a sentencepiece model, copied into the workdir
 TOKENIZER_DIR = "tokenizer"  # ... or a HF tokenizer directory
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+LOCK_FILE = ".lock"
 
 
 def find_tokenizer(checkpoint_dir: str) -> str:
@@ -64,3 +73,49 @@ def keep_tokenizer(workdir: str, tokenizer_path: str, *, writer: bool) -> str:
             shutil.copyfile(tokenizer_path, tmp)
         os.replace(tmp, kept)
     return kept
+
+
+class WorkdirLock:
+    """The workdir's exclusive lock, held by a running trainer (its writing process).
+
+    `fcntl.flock` on WORKDIR/.lock: the kernel releases it when the holder
+    exits or dies (even by kill -9), so a stale lock from a dead process is
+    simply taken over. The file records who holds it, for the message a second
+    trainer gets: WorkdirBusyError naming the host and pid (exit 2).
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._fd: int | None = None
+
+    def acquire(self) -> WorkdirLock:
+        """Takes the lock, or raises WorkdirBusyError naming the live holder."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with os.fdopen(fd) as f:
+                holder = f.read().strip() or "unknown"
+            raise WorkdirBusyError(
+                f"{os.path.dirname(self.path)} is in use by another trainer ({holder}): wait for it to "
+                "finish, stop it, or use another --workdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.write(fd, json.dumps(info).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> WorkdirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

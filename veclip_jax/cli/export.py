@@ -28,11 +28,12 @@ def main(argv: list[str]) -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's per-file INFO lines
+    from veclip_jax.errors import UserError
     from veclip_jax.hf.to_hf import export_checkpoint
 
     try:
         out = export_checkpoint(_CHECKPOINT.value, _OUT.value, step=_STEP.value, force=_FORCE.value)
-    except (FileExistsError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {out}")

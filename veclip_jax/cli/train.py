@@ -19,6 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from veclip_jax.config import ConfigError, check_overrides, validate_config
+from veclip_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string(
@@ -37,12 +38,19 @@ def _fail(message: str, code: int) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         check_overrides(argv)
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        if _CONFIG.value is not None:
+            list(_CONFIG.value)  # a config file that failed to load raises on first use: here, not later
+        return rest
     except ConfigError as e:
         _fail(str(e), 2)
     except flags.Error as e:  # a value that does not parse as the field's type
         _fail(f"config: {e}", 2)
-    except (AttributeError, KeyError, TypeError, ValueError, FileNotFoundError) as e:
+    except OSError as e:  # ml_collections wraps a missing or unloadable config file in an OSError
+        config_arg = next((a for a in argv if a.startswith("--config=")), "--config")
+        reason = str(e).strip().splitlines()[-1].strip()  # the underlying error, e.g. "[Errno 2] ..."
+        _fail(f"{config_arg}: cannot load the config file: {reason}", 2)
+    except (AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
         _fail(f"config: {type(e).__name__}: {e}", 2)
     raise AssertionError("unreachable")
 
@@ -74,15 +82,21 @@ def main(argv: list[str]) -> None:
 
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
+    from veclip_jax.data.pipeline import TooManyBadRecordsError
     from veclip_jax.eval.report import print_eval_table
+    from veclip_jax.train.checkpoint import CheckpointSaveError
     from veclip_jax.train.loop import NonFiniteTrainingError, train
 
     try:
         result = train(config, _WORKDIR.value)
-    except ConfigError as e:  # what needs the devices: mesh and batch layout, tokenizer vs workdir
+    except UserError as e:  # what needs the devices (mesh, batch layout), the workdir, checkpoints
         _fail(str(e), 2)
-    except NonFiniteTrainingError as e:
-        _fail(str(e), 1)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        _fail(str(e), 2)  # a path of the config's (data shards, tokenizer, init_from)
+    except (NonFiniteTrainingError, CheckpointSaveError, TooManyBadRecordsError) as e:
+        _fail(str(e), 1)  # the run stopped; its last checkpoint is intact
+    except OSError as e:  # the machine's, not ours: a full disk while logging, a lost mount
+        _fail(f"{type(e).__name__}: {e}", 1)
     if jax.process_index() == 0:
         if result.preempted:
             print(f"stopped at step {result.step}: checkpoint saved to {result.checkpoint}; "

@@ -63,6 +63,7 @@ CONVERTER_VERSION = 1
 SKIP_REASONS: dict[str, str] = {
     "missing_input": "an input tar that does not exist or cannot be opened (one count per tar)",
     "unreadable_input": "an input tar that is corrupt or truncated; reading it stops there (one per tar)",
+    "bad_row": "table: a row that is not UTF-8 or that the csv module cannot parse (file and line logged)",
     "bad_metadata": "the sample's .json is not a JSON object",
     "not_success": "the .json status is present and not 'success' (a failed img2dataset download)",
     "no_image": "no image member (webdataset) or an empty image path (table)",
@@ -155,6 +156,8 @@ def _table_outcomes(job: _Job, lookup: VecapLookup | None) -> Iterator[_Outcome]
 
 
 def _table_candidate(row: Row, lookup: VecapLookup | None, source: str | None) -> _Candidate | str:
+    if row.error is not None:
+        return "bad_row"
     if not row.image:
         return "no_image"
     alt, vecap, joined = _caption(row.alt_text), _caption(row.vecap_text), False

@@ -95,6 +95,41 @@ def random_resized_crop_box(
     return (left, top, left + w, top + h)
 
 
+# PIL modes holding more than 8 bits per sample. PIL's own convert("RGB") clips
+# them to 255 instead of scaling, so a 16-bit PNG came out near-white.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# Modes with an alpha channel or palette transparency: through RGBA, so the
+# palette's transparency is read (PIL warns otherwise); alpha is then dropped
+# as open_clip's convert("RGB") does.
+_VIA_RGBA_MODES = frozenset({"P", "PA", "LA", "La", "RGBa"})
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> an 8-bit RGB image, scaling high-bit-depth modes rather than clipping them.
+
+    I;16* (16-bit PNG/TIFF) and I (32-bit integers, read as the 16-bit range
+    they hold in image files) are scaled by 255/65535; F (float) is read as
+    [0, 1] when all its values lie there, else as [0, 255], and clipped; 1, L,
+    P, PA, LA, RGBA, CMYK, YCbCr... go through PIL's conversions (alpha
+    dropped). Raises ValueError for a mode PIL cannot convert.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _SIXTEEN_BIT_MODES:
+        a = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        gray = ((a * 255 + 32767) // 65535).astype(np.uint8)  # x / 257, rounded
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "F":
+        a = np.nan_to_num(np.asarray(img, np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if a.size and a.min() >= 0.0 and a.max() <= 1.0:
+            a = a * 255.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in _VIA_RGBA_MODES:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
 def _resize_box(img: Image.Image, box: Box, size: int, full: tuple[int, int]) -> np.ndarray:
     """Crops `box` (given in `full` = (width, height) pixels) out of `img` and resizes it."""
     sx, sy = img.width / full[0], img.height / full[1]
@@ -129,7 +164,7 @@ def _crop_pil(img: Image.Image, box: Box, size: int) -> np.ndarray:
     if img.format == "JPEG":
         min_h, min_w = _min_decode_size(box, size, full[1], full[0])
         img.draft("RGB", (min_w, min_h))
-    img = img.convert("RGB")  # also loads; L, P, RGBA, CMYK all end up RGB
+    img = to_rgb(img)  # also loads; every mode ends up 8-bit RGB (16-bit scaled, not clipped)
     return _resize_box(img, box, size, full)
 
 
@@ -211,6 +246,7 @@ def image_decodes(data: bytes) -> bool:
                 if img.format == "JPEG":
                     img.draft("RGB", (1, 1))  # smallest DCT scale: the whole stream is still read
                 img.load()
+                to_rgb(img)  # the pipeline's conversion: a mode it cannot convert fails here too
         return True
     except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         return False
@@ -246,7 +282,7 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
     (shortest_edge = crop = size; the crop starts at (extent - size) // 2), so
     an exported model's processor sees the same pixels as our evaluation.
     """
-    return _center_crop(np.asarray(_resize_shorter_side(image.convert("RGB"), size, _RESAMPLE)), size)
+    return _center_crop(np.asarray(_resize_shorter_side(to_rgb(image), size, _RESAMPLE)), size)
 
 
 def decode_eval_image(data: bytes, size: int) -> np.ndarray:
@@ -312,14 +348,14 @@ class EvalPreprocess:
 
     def _resized(self, image: Image.Image | np.ndarray) -> np.ndarray:
         if self.method == "tf_bilinear":
-            arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+            arr = np.asarray(to_rgb(image) if isinstance(image, Image.Image) else image)
             h, w = arr.shape[:2]
             scale = np.float32(self.size) / np.float32(min(h, w))
             new_h, new_w = (int(np.round(scale * np.float32(d))) for d in (h, w))
             return bilinear_resize(arr, new_h, new_w)
         pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
         resample = _RESAMPLE if self.method == "bicubic" else Image.Resampling.BILINEAR
-        return np.asarray(_resize_shorter_side(pil.convert("RGB"), self.size, resample), np.float32)
+        return np.asarray(_resize_shorter_side(to_rgb(pil), self.size, resample), np.float32)
 
     def __call__(self, image: Image.Image | np.ndarray) -> np.ndarray:
         arr = _center_crop(self._resized(image), self.crop)

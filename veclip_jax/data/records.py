@@ -22,7 +22,9 @@ can be read on its own (grain reads records in a random order).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -218,8 +220,8 @@ def _check_shard(path: str) -> int:
     raise ValueError(f"data shard is not a readable ArrayRecord file: {path} ({status})")
 
 
-def shard_paths(spec: str | Sequence[str]) -> list[str]:
-    """Resolves shard paths: a path spec (paths.expand_paths: comma lists, `{a..b}` ranges, globs).
+def shard_counts(spec: str | Sequence[str]) -> list[tuple[str, int]]:
+    """(path, record count) of every shard of a path spec (paths.expand_paths: comma lists, ranges, globs).
 
     Every file is opened once, so a missing, unreadable or corrupt shard fails
     here, by name, rather than mid-run.
@@ -227,9 +229,12 @@ def shard_paths(spec: str | Sequence[str]) -> list[str]:
     paths = expand_paths(spec, what="data shards")
     if not paths:
         raise ValueError("no data shards given")
-    for p in paths:
-        _check_shard(p)
-    return paths
+    return [(p, _check_shard(p)) for p in paths]
+
+
+def shard_paths(spec: str | Sequence[str]) -> list[str]:
+    """The shard paths of a path spec, each checked as in `shard_counts`."""
+    return [p for p, _ in shard_counts(spec)]
 
 
 class RecordReader(Sequence[Record]):
@@ -237,14 +242,26 @@ class RecordReader(Sequence[Record]):
 
     Index i counts through the shards in the order given. `raw(i)` returns the
     serialised bytes (what the grain pipeline reads); `[i]` the parsed Record.
+    A record whose bytes the shard cannot give back (a damaged chunk: "chunk
+    data hash mismatch") raises RecordFormatError naming the shard and the
+    record's place in it, like a record that does not parse: either way the
+    record is bad, and the caller decides whether that is fatal. Picklable
+    (grain's worker processes get a copy).
     """
 
     def __init__(self, spec: str | Sequence[str]):
         # Imported here: writing shards should not need grain.
         import grain
 
-        self.paths = shard_paths(spec)
+        counted = shard_counts(spec)
+        self.paths = [p for p, _ in counted]
         self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        self._starts = [0, *itertools.accumulate(n for _, n in counted[:-1])]  # shard after shard
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """(shard path, index within that shard) of record `index`."""
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return self.paths[shard], index - self._starts[shard]
 
     @property
     def source(self):
@@ -255,8 +272,14 @@ class RecordReader(Sequence[Record]):
         return len(self._source)
 
     def raw(self, index: int) -> bytes:
-        """The serialised record at `index`."""
-        return self._source[index]
+        """The serialised record at `index`; RecordFormatError, naming the shard, if it cannot be read."""
+        try:
+            return self._source[index]
+        except Exception as e:  # ArrayRecord raises RuntimeError on damaged chunks
+            path, local = self.locate(index)
+            raise RecordFormatError(
+                f"record {local} of shard {path} (index {index}) cannot be read: {type(e).__name__}: {e}"
+            ) from e
 
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
@@ -265,7 +288,7 @@ class RecordReader(Sequence[Record]):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"record index {index} out of range for {len(self)} records")
-        return decode_record(self._source[index])
+        return decode_record(self.raw(index))
 
     def __iter__(self) -> Iterator[Record]:
         for i in range(len(self)):

@@ -23,6 +23,8 @@ STREAM_SHUFFLE = 1
 STREAM_CAPTION = 2
 STREAM_CROP = 3
 STREAM_DEMO = 4
+STREAM_SOURCE = 5  # a named source's seed (data/sources.py)
+STREAM_WINDOW = 6  # the shuffle window of a streamed source's reader lane
 
 
 def example_seed(*parts: int) -> int:

@@ -121,12 +121,27 @@ def model_config_from_hf(hf_cfg: Any, *, eos_id: int, pad_id: int) -> ml_collect
 
 
 def is_hf_clip_dir(path: str) -> bool:
-    """Whether `path` is a HuggingFace CLIP model directory (config.json of model_type "clip")."""
+    """Whether `path` is a HuggingFace CLIP model directory (config.json of model_type "clip").
+
+    A config.json that is not JSON raises UserError naming the file and the
+    parse error (unless the directory is a workdir of ours, whose config.json
+    is only informative): a damaged HF directory is not "no model here".
+    """
+    from veclip_jax.errors import UserError
+    from veclip_jax.workdir import CHECKPOINTS
+
+    path = os.path.expanduser(path)
+    config = os.path.join(path, "config.json")
     try:
-        with open(os.path.join(os.path.expanduser(path), "config.json")) as f:
-            return json.load(f).get("model_type") == "clip"
-    except (OSError, ValueError):
+        with open(config, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError:
         return False
+    except ValueError as e:  # also UnicodeDecodeError
+        if os.path.isdir(os.path.join(path, CHECKPOINTS)):
+            return False
+        raise UserError(f"{config} is not valid JSON ({e}): cannot tell what model {path} holds") from None
+    return isinstance(data, dict) and data.get("model_type") == "clip"
 
 
 def load_hf_state_dict(path: str) -> dict[str, np.ndarray]:

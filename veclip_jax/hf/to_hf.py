@@ -150,14 +150,14 @@ def save_hf_directory(
 
     `tokenizer` is the run's (veclip_jax.data.tokenizer: Tokenizer or HFTokenizer).
     Written into a temporary sibling and renamed into place, so `out` is never
-    left half-written. Refuses an existing `out` unless `force`.
+    left half-written. Refuses an existing `out` unless `force`, and even then
+    replaces only a directory that looks like an earlier export.
     """
     import safetensors.numpy
     import transformers
 
     out = os.path.abspath(os.path.expanduser(out))
-    if os.path.exists(out) and not force:
-        raise FileExistsError(f"{out} exists: pass --force to replace it")
+    check_output(out, force=force)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
@@ -185,6 +185,56 @@ def save_hf_directory(
     return out
 
 
+def _looks_like_export(path: str) -> bool:
+    """A directory holding a HF CLIP config and weights, and no training state of ours."""
+    from veclip_jax.hf.from_hf import is_hf_clip_dir
+    from veclip_jax.workdir import CHECKPOINTS
+
+    try:
+        return (
+            is_hf_clip_dir(path)
+            and os.path.exists(os.path.join(path, WEIGHTS))
+            and not os.path.exists(os.path.join(path, CHECKPOINTS))
+        )
+    except ValueError:  # a config.json that is not JSON: not ours to replace
+        return False
+
+
+def check_output(out: str, *, force: bool, source: str | None = None) -> None:
+    """Refuses an export destination that would destroy something (before anything is loaded).
+
+    `out` may not be, contain or lie inside `source` (the run exported from);
+    an existing `out` needs `force`, and `force` replaces only an earlier export.
+    Raises UserError naming the path.
+    """
+    from veclip_jax.errors import UserError
+
+    out = os.path.realpath(os.path.expanduser(out))
+    if source is not None:
+        src = os.path.realpath(os.path.expanduser(source))
+        if out == src or out.startswith(src + os.sep) or src.startswith(out + os.sep):
+            raise UserError(f"--out={out} is, contains or lies inside the exported run {src}: choose "
+                            "a directory outside it")  # fmt: skip
+    if os.path.lexists(out):
+        if not force:
+            raise UserError(f"{out} exists: pass --force to replace an earlier export there")
+        if not _looks_like_export(out):
+            raise UserError(f"{out} exists and is not an earlier export (config.json + {WEIGHTS}, no "
+                            "checkpoints): refusing to replace it, even with --force")  # fmt: skip
+
+
+def _run_root(checkpoint: str) -> str:
+    """The workdir (or checkpoints root) a checkpoint path belongs to: what an export must not touch."""
+    from veclip_jax.workdir import CHECKPOINTS
+
+    path = os.path.realpath(os.path.expanduser(checkpoint))
+    if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == CHECKPOINTS:
+        return os.path.dirname(os.path.dirname(path))
+    if os.path.basename(path) == CHECKPOINTS:
+        return os.path.dirname(path)
+    return path
+
+
 def export_checkpoint(checkpoint: str, out: str, *, step: int | None = None, force: bool = False) -> str:
     """A workdir / checkpoint of ours -> a transformers CLIP directory at `out` (see `save_hf_directory`)."""
     import jax
@@ -193,8 +243,7 @@ def export_checkpoint(checkpoint: str, out: str, *, step: int | None = None, for
     from veclip_jax.train.checkpoint import load_trained_params
     from veclip_jax.workdir import find_tokenizer
 
-    if os.path.exists(os.path.expanduser(out)) and not force:
-        raise FileExistsError(f"{out} exists: pass --force to replace it")  # before loading anything
+    check_output(out, force=force, source=_run_root(checkpoint))  # before loading anything
     trained = load_trained_params(checkpoint, step)
     t = trained.model_config.text
     tokenizer = load_tokenizer(

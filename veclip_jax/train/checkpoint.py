@@ -13,12 +13,25 @@ the background while training continues) and atomic: Orbax writes into
 `STEP.orbax-checkpoint-tmp` and renames it when every item is complete, so a
 save that fails or is interrupted never replaces the last good checkpoint;
 the temporary directory is removed the next time the manager opens.
+
+Faults: a background save that fails (a full disk) is reported at the next
+step boundary (`check`), naming the directory and the free space, and the
+run stops with the previous checkpoint intact. A damaged checkpoint (a file
+truncated or deleted) is named, moved to `WORKDIR/checkpoints-damaged/`
+(never deleted) and the run resumes from the newest intact one
+(`restore_latest`); with none intact nothing is moved and the error names
+every step and what is wrong with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -26,9 +39,21 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from veclip_jax.errors import CheckpointError
 from veclip_jax.models.clip import abstract_params, build_model
 from veclip_jax.train.state import TrainState
-from veclip_jax.workdir import CHECKPOINTS
+from veclip_jax.workdir import CHECKPOINTS, DAMAGED_CHECKPOINTS
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -48,6 +73,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,  # leftovers of an interrupted save
         )
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        self._pending: int | None = None  # the step of the newest save started
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -63,16 +89,15 @@ class Checkpointer:
     def save(self, step: int, state: TrainState, data_iter: Any, meta: dict[str, Any]) -> None:
         """Starts saving (returns once the arrays are copied off the devices); raises on failure."""
         train = {"step": state.step, "opt_state": state.opt_state, "nonfinite_steps": state.nonfinite_steps}
-        self._mngr.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
-                train=ocp.args.StandardSave(train),
-                data=grain.checkpoint.CheckpointSave(data_iter),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            train=ocp.args.StandardSave(train),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            meta=ocp.args.JsonSave(meta),
         )
+        with self._reporting_failures(step):
+            self._mngr.save(step, args=args, force=True)
+            self._pending = step
 
     def restore(
         self, step: int, abstract_state: TrainState, data_iter: Any
@@ -100,16 +125,104 @@ class Checkpointer:
         )
         return state, dict(r["meta"])
 
+    def restore_latest(
+        self,
+        abstract_state: TrainState,
+        data_iter: Any,
+        check_meta: Callable[[dict[str, Any], int], None] = lambda meta, step: None,
+    ) -> tuple[TrainState, dict[str, Any], int] | None:
+        """(state, meta, step) of the newest checkpoint that restores, or None if there is none.
+
+        `check_meta(meta, step)` runs first and may refuse the checkpoint (its
+        errors propagate: a config mismatch is not damage). Newer checkpoints
+        that fail to restore are set aside once an older one restores; if none
+        restores, nothing is moved and CheckpointError names them all.
+        """
+        damaged: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                meta = self.metadata(step)
+            except Exception as e:
+                damaged.append((step, f"{type(e).__name__}: {_first_line(e)}"))
+                continue
+            check_meta(meta, step)
+            try:
+                state, meta = self.restore(step, abstract_state, data_iter)
+            except Exception as e:
+                damaged.append((step, f"{type(e).__name__}: {_first_line(e)}"))
+                continue
+            for bad, why in damaged:
+                self._set_aside(bad, why)
+            if damaged:
+                self._mngr.reload()
+            return state, meta, step
+        if damaged:
+            listing = "; ".join(f"step {s} ({self.step_dir(s)}): {why}" for s, why in damaged)
+            raise CheckpointError(
+                f"no checkpoint under {self.directory} restores: {listing}. Nothing was moved; repair or "
+                "remove them (or start a new workdir)"
+            )
+        return None
+
+    def _set_aside(self, step: int, why: str) -> None:
+        """Moves a damaged step directory to WORKDIR/checkpoints-damaged/ (process 0), never deleting it."""
+        target = os.path.join(
+            os.path.dirname(self.directory), DAMAGED_CHECKPOINTS, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(self.step_dir(step), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        log.error("checkpoint of step %d is damaged (%s): moved to %s; resuming from an older one",
+                  step, why, target)  # fmt: skip
+
     def metadata(self, step: int) -> dict[str, Any]:
         """The JSON metadata of a checkpoint (no arrays read)."""
         return _restore_meta(self._mngr, step)
 
+    def check(self) -> None:
+        """Raises CheckpointSaveError if a background save has failed (cheap: call at every step)."""
+        with self._reporting_failures(self._pending):
+            self._mngr.check_for_errors()
+
     def wait(self) -> None:
-        """Blocks until background saves are written; raises if one failed."""
-        self._mngr.wait_until_finished()
+        """Blocks until background saves are written; raises CheckpointSaveError if one failed."""
+        with self._reporting_failures(self._pending):
+            self._mngr.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _reporting_failures(self, step: int | None) -> Iterator[None]:
+        """Turns a failed save into one CheckpointSaveError naming the directory and the free space."""
+        try:
+            yield
+        except CheckpointSaveError:
+            raise
+        except Exception as e:
+            try:
+                free = f"{shutil.disk_usage(self.directory).free / 2**30:.2f} GiB free"
+            except OSError:
+                free = "free space unknown"
+            good = [s for s in self._mngr.all_steps() if step is None or s != step]
+            last = f"step {max(good)} in {self.step_dir(max(good))}" if good else "none"
+            raise CheckpointSaveError(
+                f"saving the checkpoint of step {step} to {self.directory} failed ({free}): "
+                f"{type(e).__name__}: {_first_line(e)}. The previous checkpoint is intact: {last}"
+            ) from e
 
     def close(self) -> None:
         self._mngr.close()
+
+
+def _unreadable(root: str, step: int, e: BaseException, mngr: ocp.CheckpointManager) -> CheckpointError:
+    others = sorted(s for s in mngr.all_steps() if s != step)
+    hint = f"; other steps there: {others} (pass step=N)" if others else ""
+    return CheckpointError(
+        f"the checkpoint {os.path.join(root, str(step))} cannot be restored: "
+        f"{type(e).__name__}: {_first_line(e)}{hint}"
+    )
 
 
 def resolve_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
@@ -147,6 +260,8 @@ def read_metadata(path: str, step: int | None = None) -> dict[str, Any]:
     mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
     try:
         meta = _restore_meta(mngr, step)
+    except Exception as e:
+        raise _unreadable(root, step, e, mngr) from e
     finally:
         mngr.close()
     return dict(meta, checkpoint=os.path.join(root, str(step)), step=step)
@@ -168,6 +283,8 @@ def restore_params(
             params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()
         )
         r = mngr.restore(step, args=args)
+    except Exception as e:
+        raise _unreadable(root, step, e, mngr) from e
     finally:
         mngr.close()
     params = r["params"]

@@ -23,8 +23,9 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -32,10 +33,18 @@ import ml_collections
 import numpy as np
 
 from veclip_jax.config import ConfigError, validate_config
-from veclip_jax.data.pipeline import BAD_REASONS, DataSources, make_train_iterator, resolve_sources
+from veclip_jax.data.image_ops import EvalPreprocess
+from veclip_jax.data.pipeline import (
+    BAD_REASONS,
+    DataSources,
+    make_train_iterator,
+    mix_ratios,
+    resolve_sources,
+)
 from veclip_jax.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from veclip_jax.eval.encoders import Encoders
-from veclip_jax.eval.evaluator import Evaluator, load_labelled_set
+from veclip_jax.eval.evaluator import Evaluator
+from veclip_jax.eval.tasks import EvalContext
 from veclip_jax.fileio import atomic_write_text, json_safe
 from veclip_jax.hf.from_hf import check_same_model, import_params, is_hf_clip_dir
 from veclip_jax.models.clip import CLIP, build_model
@@ -46,7 +55,7 @@ from veclip_jax.train.optim import learning_rate_schedule, make_optimizer
 from veclip_jax.train.preemption import Preemption
 from veclip_jax.train.state import TrainState, abstract_train_state, init_train_state, state_shardings
 from veclip_jax.train.step import make_train_step
-from veclip_jax.workdir import CHECKPOINTS, CONFIG_FILE, keep_tokenizer
+from veclip_jax.workdir import CHECKPOINTS, CONFIG_FILE, WorkdirLock, keep_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +107,17 @@ def train(
     log.info("mesh %s over %d %s device(s), %d process(es)", dict(mesh.shape), mesh.size,
              devices[0].platform, jax.process_count())  # fmt: skip
 
-    # --- input (sources resolved once; the demo data is generated on first use) -------------------
-    sources = resolve_sources(config)
-    keep_tokenizer(workdir, sources.tokenizer, writer=is_writer)
-    t = config.model.text
-    tokenizer = load_tokenizer(sources.tokenizer, t.context_length, pad_id=t.pad_id, eos_id=t.eos_id)
-    train_iter = make_train_iterator(config, sources=sources, tokenizer=tokenizer)
-
-    ckpt = None
-    writer = None
+    # --- the workdir: one trainer at a time (WorkdirBusyError names the holder) ----------------------
+    lock = WorkdirLock(workdir).acquire() if is_writer else None
+    train_iter = ckpt = writer = None
     try:
+        # --- input (sources resolved once; the demo data is generated on first use) ---------------
+        sources = resolve_sources(config)
+        keep_tokenizer(workdir, sources.tokenizer, writer=is_writer)
+        t = config.model.text
+        tokenizer = load_tokenizer(sources.tokenizer, t.context_length, pad_id=t.pad_id, eos_id=t.eos_id)
+        train_iter = make_train_iterator(config, sources=sources, tokenizer=tokenizer)
+
         # --- model and optimizer -----------------------------------------------------------------
         model = build_model(config.model)
         tx = make_optimizer(config.optim, total)
@@ -147,11 +157,12 @@ def train(
         with Preemption() as preemption:
             for step in range(start + 1, end + 1):
                 state, metrics = train_step(state, global_batch(mesh, next(train_iter)))
+                ckpt.check()  # a background save that failed (a full disk) stops the run here
                 if pending is not None:
                     monitor.record(*pending, last_checkpoint=_describe(ckpt, saved_step))  # done, or nearly
                 pending, last_step = (step, metrics), step
                 preempted = preemption.reached(step) or (step == end and end < total)
-                eval_due = evaluator is not None and (step % config.eval_every == 0 or step == total)
+                eval_due = evaluator is not None and evaluator.due(step, total)
                 save_due = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == total
                 log_due = step % config.log_every == 0 or step == end or preempted
                 if log_due or eval_due or save_due:
@@ -161,13 +172,13 @@ def train(
                         monitor.log(step)
                 with monitor.paused():  # speed counts training time only
                     if eval_due:
-                        last_eval = _evaluate(evaluator, state.params, step, writer, is_writer)
+                        last_eval = _evaluate(evaluator, state.params, step, total, writer, is_writer)
                     if save_due or preempted:
                         _save(ckpt, step, state, train_iter, monitor.streak, config)
                         saved_step = step
                 if preempted:
                     break
-        ckpt.wait()
+            ckpt.wait()  # inside the preemption context: a repeated SIGTERM cannot cut the save short
         if preempted and is_writer:
             log.warning("stopped at step %d: checkpoint saved to %s; rerun the same command to resume",
                         last_step, ckpt.step_dir(last_step))  # fmt: skip
@@ -182,14 +193,16 @@ def train(
             eval=last_eval,
         )
     finally:
-        train_iter.close()
-        if writer is not None:
-            writer.close()
-        if ckpt is not None:
-            try:
-                ckpt.wait()  # a save in flight completes (or fails) before we leave
-            finally:
-                ckpt.close()
+        # A save in flight completes (or fails) before we leave; then everything is closed. A
+        # failure here never hides the error that ended the run (it is logged instead).
+        _close_all(
+            train_iter.close if train_iter is not None else None,
+            writer.close if writer is not None else None,
+            ckpt.wait if ckpt is not None else None,
+            ckpt.close if ckpt is not None else None,
+            lock.release if lock is not None else None,
+            failing=sys.exc_info()[1] is not None,
+        )
 
 
 # --- the stages' helpers, in the order `train` uses them ------------------------------------------
@@ -226,14 +239,16 @@ def _initial_state(
     shardings: TrainState,
     train_iter: Any,
 ) -> tuple[TrainState, int, int]:
-    """(state, start step, non-finite streak): the workdir's newest checkpoint, else init_from, else fresh.
-
-    Restoring also moves `train_iter` to the checkpoint's position.
+    """(state, start step, non-finite streak): the workdir's newest intact checkpoint, else
+    init_from, else fresh. Restoring also moves `train_iter` to the checkpoint's position.
     """
-    start = ckpt.latest_step() or 0
-    if start:
-        _check_same_model(config, ckpt.metadata(start), start)
-        state, meta = ckpt.restore(start, abstract_train_state(model, tx, shardings), train_iter)
+    restored = ckpt.restore_latest(
+        abstract_train_state(model, tx, shardings),
+        train_iter,
+        check_meta=lambda meta, step: _check_same_model(config, meta, step),
+    )
+    if restored is not None:
+        state, meta, start = restored
         log.info("resumed from step %d (%s)", start, ckpt.step_dir(start))
         return state, start, int(meta.get("nonfinite_streak", 0))
     state = init_train_state(model, tx, mesh, jax.random.key(config.seed)).state
@@ -257,26 +272,31 @@ def _make_evaluator(
     param_shardings: Any,
     tokenizer: Tokenizer | HFTokenizer,
 ) -> Evaluator | None:
-    """The evaluation run every `eval_every` steps, or None (never, or no eval data)."""
+    """The evaluations of `config.evals` on the training mesh, or None (eval_every=0, or no entry to run).
+
+    Built before the first step, so a missing dataset stops the run at once.
+    """
     if not config.eval_every:
         return None
-    if not sources.eval_files:
-        log.warning("eval_every=%d but no eval data (config.eval.files): no evaluation", config.eval_every)
-        return None
-    e = config.eval
-    eval_set = load_labelled_set(sources.eval_files, config.model.vision.image_size, e.caption_field)
-    encoders = Encoders(model, mesh, param_shardings, e.batch_size)
-    log.info("eval: %d images (%d skipped) from %s", len(eval_set.images), eval_set.skipped,
-             ",".join(sources.eval_files))  # fmt: skip
-    return Evaluator(encoders, eval_set, tokenizer, e.templates.to_dict(), e.recall_at)
+    size = config.model.vision.image_size
+    ctx = EvalContext(
+        Encoders(model, mesh, param_shardings, config.eval_batch_size),
+        tokenizer,
+        EvalPreprocess(size, size),  # the evaluation transform that veclip_jax.load and export use
+        demo_files=sources.eval_files if sources.is_demo else (),
+    )
+    evaluator = Evaluator.from_entries(config.evals.to_dict(), ctx, every=config.eval_every)
+    return evaluator if evaluator.tasks else None
 
 
-def _evaluate(evaluator: Evaluator, params: Any, step: int, writer: MetricsWriter, is_writer: bool) -> dict:
+def _evaluate(
+    evaluator: Evaluator, params: Any, step: int, total: int, writer: MetricsWriter, is_writer: bool
+) -> dict:
     t0 = time.perf_counter()
-    result = evaluator(params)
+    result = evaluator(params, step, total)
     writer.eval(step, result)
     if is_writer:
-        shown = "  ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in result.items())
+        shown = "  ".join(f"{k} {v:.3f}" for k, v in result.items())
         log.info("eval step %d (%.1f s): %s", step, time.perf_counter() - t0, shown)
     return result
 
@@ -293,6 +313,23 @@ def _save(
     ckpt.save(step, state, train_iter, json_safe(meta))
 
 
+def _close_all(*closers: Callable[[], None] | None, failing: bool) -> None:
+    """Runs every closer; re-raises the first failure unless the run is already failing."""
+    first: BaseException | None = None
+    for close in closers:
+        if close is None:
+            continue
+        try:
+            close()
+        except Exception as e:
+            if failing:
+                log.error("while stopping after an error: %s: %s", type(e).__name__, e)
+            elif first is None:
+                first = e
+    if first is not None:
+        raise first
+
+
 def _describe(ckpt: Checkpointer, step: int | None) -> str:
     return f"step {step} in {ckpt.step_dir(step)}" if step else "none"
 
@@ -304,14 +341,21 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def _host_bad_counts(train_iter: Any) -> dict[str, int]:
-    """Skipped-record counts summed over processes (a collective: every process calls it)."""
-    counts = np.asarray([train_iter.bad_counts()[r] for r in BAD_REASONS], np.int64)
+def _host_bad_counts(train_iter: Any) -> dict[str, float]:
+    """The input's counters summed over processes (a collective: every process calls it).
+
+    Skipped records by reason; with data.sources also per source, the examples
+    seen per source ("examples/NAME") and the realised mixing ratio ("mix/NAME").
+    """
+    counters = train_iter.counters()  # the same keys on every process
+    names = sorted(counters)
+    counts = np.asarray([counters[k] for k in names], np.int64)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
-    return {r: int(c) for r, c in zip(BAD_REASONS, counts, strict=True)}
+    totals = {k: int(c) for k, c in zip(names, counts, strict=True)}
+    return totals | mix_ratios(totals)
 
 
 class _Monitor:

@@ -6,25 +6,26 @@ has no NaN). On resume from step S, lines after S (written by the run that
 died after its last checkpoint) are dropped, and TensorBoard is told to purge
 events after S, so every step appears once, with the value of the run that
 the checkpoints continue.
+
+TensorBoard events are written synchronously (tensorboardX's record writer,
+without its background thread): a few scalars per logged step cost nothing,
+and a failed write (a full disk) raises here instead of killing a writer
+thread and then blocking the trainer forever on its full queue.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import time
+from collections.abc import Iterator
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
-EVAL_FILE = "eval.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float | int) and not isinstance(value, bool):
-        value = float(value) if isinstance(value, float) else int(value)
-        return value if not isinstance(value, float) or math.isfinite(value) else None
-    return value
+from veclip_jax.fileio import atomic_write_text, json_safe
+from veclip_jax.workdir import EVAL_FILE, METRICS_FILE, TENSORBOARD_DIR
 
 
 def _truncate(path: str, last_step: int) -> None:
@@ -40,10 +41,7 @@ def _truncate(path: str, last_step: int) -> None:
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a torn last line from a killed run
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(keep))
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -52,44 +50,80 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+class _EventFile:
+    """One TensorBoard event file, written synchronously; purges events after `purge_step` - 1."""
+
+    def __init__(self, logdir: str, purge_step: int):
+        from tensorboardX.event_file_writer import EventsWriter  # no TensorFlow needed
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        self._event = Event
+        os.makedirs(logdir, exist_ok=True)
+        self._writer = EventsWriter(os.path.join(logdir, "events"))
+        # What tensorboardX's SummaryWriter(purge_step=...) writes: TensorBoard hides later events.
+        self._writer.write_event(Event(step=purge_step, wall_time=time.time(), file_version="brain.Event:2"))
+        start = SessionLog(status=SessionLog.START)
+        self._writer.write_event(Event(step=purge_step, wall_time=time.time(), session_log=start))
+        self._writer.flush()
+
+    def scalars(self, prefix: str, step: int, values: dict[str, Any]) -> None:
+        from tensorboardX.summary import scalar
+
+        for k, v in values.items():
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                tag = f"{prefix}/{k}".replace("@", "_at_")  # TensorBoard tags: no "@"
+                event = self._event(summary=scalar(tag, v), step=step, wall_time=time.time())
+                self._writer.write_event(event)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+@contextlib.contextmanager
+def _naming_failures(path: str) -> Iterator[None]:
+    """An OSError while logging (a full disk) names the workdir and its free space."""
+    try:
+        yield
+    except OSError as e:
+        directory = os.path.dirname(path)
+        try:
+            free = f"{shutil.disk_usage(directory).free / 2**30:.2f} GiB free"
+        except OSError:
+            free = "free space unknown"
+        raise OSError(e.errno, f"writing the logs in {directory} failed ({free}): {e.strerror or e}") from e
+
+
 class MetricsWriter:
     """Appends training and evaluation metrics to the JSONL files and TensorBoard."""
 
     def __init__(self, workdir: str, *, enabled: bool, start_step: int):
         self.enabled = enabled
-        self._tb = None
+        self._tb: _EventFile | None = None
         if not enabled:
             return
         self.metrics_path = os.path.join(workdir, METRICS_FILE)
         self.eval_path = os.path.join(workdir, EVAL_FILE)
         for path in (self.metrics_path, self.eval_path):
             _truncate(path, start_step)
-        from tensorboardX import SummaryWriter  # TensorBoard event files without TensorFlow
-
-        self._tb = SummaryWriter(
-            os.path.join(workdir, TENSORBOARD_DIR), purge_step=start_step + 1, flush_secs=30
-        )
+        self._tb = _EventFile(os.path.join(workdir, TENSORBOARD_DIR), purge_step=start_step + 1)
 
     def _append(self, path: str, step: int, values: dict[str, Any]) -> None:
-        line = {"step": int(step)} | {k: _jsonable(v) for k, v in values.items()}
+        line = {"step": int(step)} | json_safe(values)
         with open(path, "a") as f:
             f.write(json.dumps(line) + "\n")
 
-    def _scalars(self, prefix: str, step: int, values: dict[str, Any]) -> None:
-        for k, v in values.items():
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-                self._tb.add_scalar(f"{prefix}/{k}".replace("@", "_at_"), v, step)  # TB tags: no "@"
-
     def train(self, step: int, values: dict[str, Any]) -> None:
         if self.enabled:
-            self._append(self.metrics_path, step, values)
-            self._scalars("train", step, values)
+            with _naming_failures(self.metrics_path):
+                self._append(self.metrics_path, step, values)
+                self._tb.scalars("train", step, values)
 
     def eval(self, step: int, values: dict[str, Any]) -> None:
         if self.enabled:
-            self._append(self.eval_path, step, values)
-            self._scalars("eval", step, values)
-            self._tb.flush()
+            with _naming_failures(self.eval_path):
+                self._append(self.eval_path, step, values)
+                self._tb.scalars("eval", step, values)
 
     def close(self) -> None:
         if self._tb is not None:

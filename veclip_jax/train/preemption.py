@@ -16,9 +16,12 @@ class Preemption:
     """Whether this job has been asked to stop (SIGTERM), agreed by all processes at one step.
 
     A context manager: inside it, SIGTERM (a preempted TPU VM, a cluster's
-    time limit) sets a flag that `reached(step)` reports. With several
-    processes, jax.distributed's preemption notifier owns SIGTERM and makes
-    every process see the request at the same step.
+    time limit) sets a flag that `reached(step)` reports. Further SIGTERMs are
+    absorbed (a scheduler often repeats the signal): the context must cover
+    the save until it is committed. Once a stop was requested, SIGTERM stays
+    absorbed after the context too, so the process exits 0 after its save. With
+    several processes, jax.distributed's preemption notifier owns SIGTERM and
+    makes every process see the request at the same step.
     """
 
     def __init__(self) -> None:
@@ -32,6 +35,9 @@ class Preemption:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            log.warning("SIGTERM again: still saving; the process exits once the checkpoint is committed")
+            return
         log.warning("SIGTERM received: saving a checkpoint after the current step")
         self.requested = True
 
@@ -45,4 +51,5 @@ class Preemption:
 
     def __exit__(self, *exc: Any) -> None:
         if self._own_handler:
-            signal.signal(signal.SIGTERM, self._previous)
+            # After a requested stop the process is on its way out: keep absorbing SIGTERM.
+            signal.signal(signal.SIGTERM, self._handle if self.requested else self._previous)

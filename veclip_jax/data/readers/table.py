@@ -1,10 +1,20 @@
-"""CSV/TSV tables of image-text pairs: a header line naming the columns, then one pair per row."""
+"""CSV/TSV tables of image-text pairs: a header line naming the columns, then one pair per row.
+
+A table scraped from the web is rarely clean: a row with a byte that is not
+UTF-8, a NUL, an unbalanced quote that swallows the file, a cell beyond the
+csv module's size limit. Such rows are returned as bad rows (`Row.error`,
+naming the file and line) for the converter to skip and count; they never
+stop the conversion.
+"""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import os
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +37,12 @@ class Row:
     alt_text: str | None
     vecap_text: str | None
     url: str | None
+    error: str | None = None  # why the row is unusable ("FILE line N: ..."); None for a good row
+
+
+def _has_undecodable(cells: list[str]) -> bool:
+    # surrogateescape turns each byte that is not UTF-8 into a lone surrogate U+DC80..U+DCFF.
+    return any(any("\udc80" <= ch <= "\udcff" for ch in cell) for cell in cells if not cell.isascii())
 
 
 def read_table(
@@ -38,13 +54,21 @@ def read_table(
     The key is the key column's value, else the row number (0 = the first row
     after the header). A table needs a caption column, or a URL column when
     `has_vecap_json` (captions joined by URL); if a column name appears twice,
-    the first is read.
+    the first is read. A row that is not valid UTF-8, or that the csv module
+    refuses (a NUL, an oversized cell), comes back with `error` set ("FILE
+    line N: why"), logged once per table with the count.
     """
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    # surrogateescape: a stray non-UTF-8 byte must cost its row, not the whole table.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
+        try:
+            header = next(reader, None)
+        except csv.Error as e:
+            raise ValueError(f"table {path}: the header line cannot be read: {e}") from None
         if header is None:
             raise ValueError(f"table {path} is empty")
+        if _has_undecodable(header):
+            raise ValueError(f"table {path}: the header line is not UTF-8")
         where = {name: i for i, name in reversed(list(enumerate(header)))}
         if columns.image not in where:
             raise ValueError(f"table {path} has no image column {columns.image!r} (its columns: {header})")
@@ -59,8 +83,27 @@ def read_table(
             i = where.get(getattr(columns, field))
             return row[i] if i is not None and i < len(row) else None
 
-        rows = []
-        for r, row in enumerate(reader):
+        used = [f for f in ("image", "alt_text", "vecap_text", "key", "url") if f == "image" or has[f]]
+        rows: list[Row] = []
+        bad: list[str] = []
+        while True:
+            r = len(rows)
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:  # a NUL byte, a cell over csv.field_size_limit(), ...
+                bad.append(f"{path} line {reader.line_num}: {e}")
+                rows.append(
+                    Row(key=str(r), image="", alt_text=None, vecap_text=None, url=None, error=bad[-1])
+                )
+                continue
+            if _has_undecodable([cell(row, f) or "" for f in used]):  # bytes in other columns do no harm
+                bad.append(f"{path} line {reader.line_num}: not UTF-8")
+                rows.append(
+                    Row(key=str(r), image="", alt_text=None, vecap_text=None, url=None, error=bad[-1])
+                )
+                continue
             image = (cell(row, "image") or "").strip()
             if image:
                 image = os.path.join(image_root, os.path.expanduser(image))  # an absolute path stays
@@ -73,4 +116,7 @@ def read_table(
                     url=(cell(row, "url") or "").strip() or None,
                 )
             )
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        log.warning("table %s: %d unreadable rows skipped: %s%s", path, len(bad), "; ".join(bad[:3]), more)
     return rows

@@ -89,7 +89,8 @@ def iter_vecap_json(path: str | os.PathLike, *, chunk_chars: int = 1 << 20) -> I
     """
     path = os.fspath(path)
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8-sig") as f:
+    # A stray non-UTF-8 byte becomes U+FFFD in its caption rather than stopping a 30M-caption file.
+    with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
         scan = _JsonScanner(f, chunk_chars)
         try:
             if scan.peek() != "{":

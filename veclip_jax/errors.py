@@ -1,0 +1,20 @@
+"""Errors the user fixes, as opposed to bugs.
+
+The command-line tools turn a `UserError` into one line on stderr and exit
+code 2, with no traceback: it names the thing to change (a config field, a
+path, a workdir). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, paths, data, workdir): exit 2, one line."""
+
+
+class WorkdirBusyError(UserError):
+    """Another live trainer holds the workdir's lock."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read (damaged, missing), named with its path."""

@@ -1,0 +1,195 @@
+"""Standalone evaluation of any model `veclip_jax.load` reads: `evaluate(path, tasks)`.
+
+The library side of `launch/eval.py`: loads the model (our workdir or
+checkpoint, a HF CLIP directory, a released VeCLIP checkpoint) with its own
+tokenizer and preprocessing, puts it on a data-parallel mesh over all
+devices (every process of a multi-host job embeds its own slice), builds the
+tasks (a workdir's `config.evals` entries by name, or the standard ones of
+veclip_jax/eval/registry.py) and runs them with the code training uses.
+Process 0 writes one CLIP_benchmark-style JSON file per task, appends the
+metrics to a workdir's eval.jsonl, and returns the paper's table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from veclip_jax.api import LoadedCLIP, load
+from veclip_jax.data.tokenizer import HFTokenizer, Tokenizer
+from veclip_jax.eval import registry
+from veclip_jax.eval.embed import Preprocess
+from veclip_jax.eval.encoders import Encoders
+from veclip_jax.eval.evaluator import Evaluator, flatten
+from veclip_jax.eval.report import results_table
+from veclip_jax.eval.tasks import BENCHMARK_TASK, EvalContext
+from veclip_jax.models.clip import CLIP
+from veclip_jax.parallel.mesh import make_mesh, replicated
+from veclip_jax.workdir import CHECKPOINTS, CONFIG_FILE, EVAL_FILE
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EvalRun:
+    """What `evaluate` did."""
+
+    results: dict[str, dict[str, float]]  # task key -> metrics
+    types: dict[str, str]  # task key -> task type
+    table: str  # the Markdown table (paper's columns first)
+    files: list[str]  # the JSON files written (process 0)
+    step: int | None  # the checkpoint's step, for our runs
+    images_per_sec: dict[str, float]  # task key -> embedding throughput of its last image pass
+
+
+def _workdir_of(checkpoint: str) -> str | None:
+    """The training workdir holding a checkpoint step directory, if it is one of ours."""
+    parent = os.path.dirname(os.path.normpath(checkpoint))
+    if os.path.basename(parent) == CHECKPOINTS:
+        workdir = os.path.dirname(parent)
+        if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+            return workdir
+    return None
+
+
+def _step_of(checkpoint: str) -> int | None:
+    base = os.path.basename(os.path.normpath(checkpoint))
+    return int(base) if base.isdigit() else None
+
+
+def task_entries(names: Sequence[str], run_config: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """name -> registry entry: an entry of the run's config.evals by its name, else a standard task.
+
+    No names: all of the run's entries.
+    """
+    evals = dict((run_config or {}).get("evals", {}))
+    if not names:
+        if not evals:
+            raise ValueError("no --tasks given, and the model has no config.evals to run")
+        names = list(evals)
+    out = {}
+    for n in names:
+        if n in evals:
+            out[n] = dict(evals[n])
+        else:
+            out[registry.task_key(n)] = registry.standard_task(n)
+    return out
+
+
+def _demo_files(run_config: Mapping[str, Any] | None) -> list[str]:
+    if not run_config or run_config.get("data", {}).get("train_files"):
+        return []
+    from veclip_jax.data.demo import ensure_demo_data  # generates the data on first use (seconds)
+
+    return [ensure_demo_data(os.path.expanduser(run_config["data"]["cache_dir"])).eval_file]
+
+
+def run_tasks(
+    model: CLIP,
+    host_params: Any,
+    tokenizer: Tokenizer | HFTokenizer,
+    preprocess: Preprocess,
+    entries: Mapping[str, Mapping[str, Any]],
+    *,
+    data_dir: str = "",
+    batch_size: int = 256,
+    demo_files: Sequence[str] = (),
+    progress: bool = False,
+    devices: Sequence[jax.Device] | None = None,
+) -> tuple[dict[str, dict[str, float]], Evaluator]:
+    """Runs registry entries for a model given by its (numpy) parameters on a data-parallel mesh.
+
+    The mesh spans `devices` (default: all, of every process); the parameters
+    are replicated. Every process of a multi-host job calls it alike.
+    """
+    mesh = make_mesh(dict(data=-1, fsdp=1, tensor=1), devices)
+    rep = replicated(mesh)
+    params = jax.tree.map(
+        lambda x: jax.make_array_from_callback(np.shape(x), rep, np.asarray(x).__getitem__), host_params
+    )
+    encoders = Encoders(model, mesh, jax.tree.map(lambda _: rep, host_params), batch_size)
+    ctx = EvalContext(encoders, tokenizer, preprocess, data_dir, demo_files, progress)
+    evaluator = Evaluator.from_entries(entries, ctx)
+    if not evaluator.tasks:
+        raise ValueError(f"none of the tasks {list(entries)} can run on this model")
+    return evaluator.run(params), evaluator
+
+
+def evaluate(
+    path: str,
+    tasks: Sequence[str] = (),
+    *,
+    data_dir: str = "",
+    output_dir: str = "",
+    batch_size: int = 256,
+    tokenizer: str | None = None,
+    step: int | None = None,
+    max_examples: int = 0,
+    progress: bool = True,
+    devices: Sequence[jax.Device] | None = None,
+    loaded: LoadedCLIP | None = None,
+) -> EvalRun:
+    """Evaluates the model at `path` on `tasks` (see the module doc and registry.standard_task).
+
+    Args:
+      path: anything `veclip_jax.load` reads.
+      tasks: task names; none = all entries of a workdir's config.evals.
+      data_dir: root of the tasks' relative paths and TFDS's data_dir.
+      output_dir: where the JSON files go (default WORKDIR/eval_results/step_N, else ./eval_results/NAME).
+      batch_size: images or texts per global encoding batch.
+      max_examples: evaluate the first N examples of each dataset only (0 = all).
+      loaded: an already loaded model (path then only names it).
+    """
+    loaded = loaded or load(path, tokenizer=tokenizer, step=step)
+    workdir = _workdir_of(loaded.source)
+    run_config = None
+    if workdir:
+        with open(os.path.join(workdir, CONFIG_FILE)) as f:
+            run_config = json.load(f)
+    step = _step_of(loaded.source) if workdir else None
+    entries = task_entries(list(tasks), run_config)
+    if max_examples:
+        entries = {n: e | {"max_examples": max_examples} for n, e in entries.items()}
+    uses_demo = any(e.get("dataset") == "demo" for e in entries.values())
+    results, evaluator = run_tasks(
+        loaded.model, jax.device_get(loaded.params), loaded.tokenizer, type(loaded.preprocess)(loaded.preprocess.size, loaded.preprocess.crop, 'tf_bilinear'), entries,
+        data_dir=data_dir, batch_size=batch_size, demo_files=_demo_files(run_config) if uses_demo else (),
+        progress=progress, devices=devices,
+    )  # fmt: skip
+    types = {t.key: t.kind for t in evaluator.tasks}
+    table = results_table(results, types, model=os.path.basename(os.path.normpath(path)))
+    files: list[str] = []
+    if jax.process_index() == 0:
+        out = output_dir or (
+            os.path.join(workdir, "eval_results", f"step_{step}") if workdir
+            else os.path.join("eval_results", os.path.basename(os.path.normpath(path)))
+        )  # fmt: skip
+        os.makedirs(out, exist_ok=True)
+        size = ml_collections.ConfigDict(loaded.model_config).get("size", "custom")
+        for task in evaluator.tasks:
+            dump = {
+                "dataset": task.key,
+                "model": size,
+                "pretrained": loaded.source,
+                "task": BENCHMARK_TASK[task.kind],
+                "metrics": results[task.key],
+                "language": "en",
+                "data": task.dataset,
+                "step": step,
+            }
+            files.append(os.path.join(out, f"{task.key}.json"))
+            with open(files[-1], "w") as f:
+                json.dump(dump, f, indent=1)
+        if workdir:
+            with open(os.path.join(workdir, EVAL_FILE), "a") as f:
+                f.write(json.dumps({"step": step} | flatten(results)) + "\n")
+    rates = {t.key: t.images_per_sec for t in evaluator.tasks}
+    return EvalRun(results, types, table, files, step, rates)
