@@ -251,15 +251,17 @@ def test_worker_count_does_not_change_the_shards(converted):
             assert a.read() == b.read()
 
 
-def test_no_temporary_files_are_left(converted):
+def test_no_temporary_files_are_left_and_side_outputs_do_not_match_the_shards_glob(converted):
     out, _ = converted[2]
     left = sorted(os.listdir(os.path.dirname(out)))
     assert left == [
         "train-00000-of-00002.array_record",
         "train-00001-of-00002.array_record",
-        "train-shard-stats",
-        "train-stats.json",
+        "train.shard-stats",
+        "train.stats.json",
     ]
+    # `--config.data.train_files='DIR/train-*'` reads the shards and nothing else (it used to hit the stats).
+    assert records.shard_paths(f"{out}-*") == [records.shard_name(out, j, 2) for j in range(2)]
 
 
 def test_rerun_rewrites_only_a_deleted_shard_identically(wds, tmp_path):
@@ -527,3 +529,90 @@ def test_table_rows_that_are_not_utf8_or_not_csv_are_skipped_counted_and_named(t
     assert summary.skipped == {"bad_row": 2}
     assert f"{tmp_path / 'pairs.csv'} line 3: not UTF-8" in caplog.text
     assert f"{tmp_path / 'pairs.csv'} line 4" in caplog.text
+
+
+# --- Parquet, ImageFolder, several machines, keys repeated across shards (issue 12) --------------
+
+
+def test_parquet_tables_become_records_with_bad_rows_counted(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "on_disk.png").write_bytes(_image(52, "PNG"))
+    pq.write_table(
+        pa.table({
+            "jpg": [_image(50), _image(51), None, b"not an image", None],
+            "caption": ["first", None, "no image", "bad bytes", "path in another column"],
+            "key": ["p0", "p1", "p2", "p3", "p4"],
+        }),
+        tmp_path / "a.parquet",
+    )  # fmt: skip
+    pq.write_table(pa.table({"image": [{"bytes": _image(53), "path": None}], "caption": ["hf struct"]}),
+                   tmp_path / "b.parquet")  # fmt: skip
+    (tmp_path / "c.parquet").write_bytes(b"PAR1 truncated")
+    summary = convert.convert_parquet(str(tmp_path / "*.parquet"), str(tmp_path / "out" / "t"), 2)
+    got = {
+        r.key: (r.alt_text, r.jpeg) for shard in _read_shards(str(tmp_path / "out" / "t"), 2) for r in shard
+    }
+    assert got == {"p0": ("first", _image(50)), "b/0": ("hf struct", _image(53))}
+    assert summary.skipped == {"unreadable_input": 1, "no_image": 2, "no_caption": 1, "unreadable_image": 1}
+    assert summary.unreadable_inputs == [str(tmp_path / "c.parquet")]
+
+
+def test_image_folder_with_a_captions_file_becomes_records(tmp_path):
+    for rel, seed in (("cat/a.jpg", 60), ("cat/b.png", 61), ("dog/c.jpg", 62), ("dog/notes.txt", 0)):
+        (tmp_path / "tree" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tree" / rel).write_bytes(
+            _image(seed, "PNG" if rel.endswith("png") else "JPEG") if seed else b""
+        )
+    (tmp_path / "captions.json").write_text(
+        json.dumps({"cat/a.jpg": "a sleeping cat", "dog/c": {"vecap_text": "a dog"}})
+    )
+    summary = convert.convert_image_folder(str(tmp_path / "tree"), str(tmp_path / "out" / "f"), 1,
+                                           captions=str(tmp_path / "captions.json"))  # fmt: skip
+    [shard] = _read_shards(str(tmp_path / "out" / "f"), 1)
+    assert {r.key: (r.alt_text, r.vecap_text) for r in shard} == {"cat/a.jpg": ("a sleeping cat", None),
+                                                                  "dog/c.jpg": (None, "a dog")}  # fmt: skip
+    assert summary.skipped == {"no_caption": 1}  # cat/b.png: no entry, no --class_template
+    convert.convert_image_folder(str(tmp_path / "tree"), str(tmp_path / "out" / "g"), 1,
+                                 class_template="a photo of a {}.")  # fmt: skip
+    [shard] = _read_shards(str(tmp_path / "out" / "g"), 1)
+    assert sorted(r.alt_text for r in shard) == [
+        "a photo of a cat.",
+        "a photo of a cat.",
+        "a photo of a dog.",
+    ]
+
+
+def test_machines_split_a_conversion_and_repeated_keys_across_shards_are_reported(wds, tmp_path):
+    # Two machines (tasks) write one conversion: task i writes the shards j with j % 2 == i.
+    out = str(tmp_path / "m" / "train")
+    alone = _convert_wds(wds, str(tmp_path / "one" / "train"), num_shards=3)
+    first = _convert_wds(wds, out, num_shards=3, task=(0, 2))
+    assert [s["shard"] for s in first.shards] == ["train-00000-of-00003.array_record",
+                                                  "train-00002-of-00003.array_record"]  # fmt: skip
+    assert not os.path.exists(convert.stats_path(out))  # shard 1 is not done yet
+    second = _convert_wds(wds, out, num_shards=3, task=(1, 2))
+    assert second.stats_path == convert.stats_path(out, (1, 2))
+    with open(convert.stats_path(out)) as f:
+        whole = json.load(f)  # the last task to finish writes the whole conversion's summary
+    assert whole["records"] == alone.records and whole["skipped"] == alone.skipped
+    for j in range(3):
+        with (
+            open(records.shard_name(out, j, 3), "rb") as a,
+            open(records.shard_name(alone.out, j, 3), "rb") as b,
+        ):
+            assert a.read() == b.read()
+    assert whole["duplicate_keys_across_shards"] == 0
+    # A copy of a tar among the inputs lands in another shard: its keys are reported as repeated.
+    first_tar = expand_paths(wds["spec"])[0]
+    copy = str(tmp_path / "copy.tar")
+    with open(first_tar, "rb") as f, open(copy, "wb") as g:
+        g.write(f.read())
+    dup = convert.convert_webdataset([first_tar, copy], str(tmp_path / "d" / "train"), 2)
+    assert dup.duplicate_keys_across_shards > 0
+    assert dup.duplicate_key_shards[0] == [
+        "train-00000-of-00002.array_record",
+        "train-00001-of-00002.array_record",
+    ]
+    assert "keys in more than one shard" in dup.format()

@@ -81,15 +81,20 @@ def _config(corpus, train_files: str = "", sources: dict | None = None, **data):
     return c
 
 
-def _take(config, n: int, state=None, *, process_index: int = 0, process_count: int = 1):
+def _take(config, n: int, state=None, *, process_index: int = 0, process_count: int = 1, snapshot=None):
+    """n batches, the state after `snapshot` of them (default: all), and the counters at the end."""
     it = pipeline.make_train_iterator(
         config, process_index=process_index, process_count=process_count, include_ids=True
     )
     try:
         if state is not None:
-            it.set_state(json.loads(json.dumps(state)))
-        batches = [next(it) for _ in range(n)]
-        return batches, it.get_state(), it.counters()
+            it.set_state(json.loads(json.dumps(state)))  # what a checkpoint stores
+        batches, saved = [], None
+        for i in range(n):
+            if i == snapshot:
+                saved = it.get_state()
+            batches.append(next(it))
+        return batches, saved if snapshot is not None else it.get_state(), it.counters()
     finally:
         it.close()
 
@@ -132,8 +137,7 @@ def test_streamed_formats_read_every_example_of_an_epoch_once_over_processes(cor
 @pytest.mark.parametrize("fmt,workers", [("tar", 0), ("parquet", 0), ("tar", 2)])
 def test_streamed_formats_resume_exactly_from_the_iterator_state(corpus, fmt, workers):
     c = _config(corpus, corpus[fmt], num_workers=workers)
-    reference, _, _ = _take(c, 9)
-    _, state, _ = _take(c, 4)
+    reference, state, _ = _take(c, 9, snapshot=4)
     resumed, _, _ = _take(c, 5, state)  # crosses an epoch: files reopened, windows refilled
     _same(resumed, reference[4:])
 
@@ -193,8 +197,7 @@ def test_adding_a_corpus_does_not_change_another_corpus_draws(corpus):
 def test_mixtures_resume_exactly(corpus, workers):
     c = _config(corpus, sources={"a": dict(files=corpus["a"], weight=2.0), "t": dict(files=corpus["tar"])},
                 num_workers=workers)  # fmt: skip
-    reference, _, _ = _take(c, 8)
-    _, state, _ = _take(c, 3)
+    reference, state, _ = _take(c, 8, snapshot=3)
     resumed, _, counts = _take(c, 5, state)
     _same(resumed, reference[3:])
     assert counts["examples/a"] + counts["examples/t"] == 8 * 8  # the counts continue across the resume

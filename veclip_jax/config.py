@@ -235,6 +235,45 @@ def _check_sources(data: Any) -> None:
             )
 
 
+def _check_hardware_and_data(config: Any) -> None:
+    """The mesh and sharding rules, the hardware and its rules, and that data is given where required."""
+    from veclip_jax.errors import UserError
+    from veclip_jax.parallel import hardware  # no jax
+
+    if config.mesh.slices < 1:
+        raise ConfigError(f"config.mesh.slices={config.mesh.slices}: must be >= 1")
+    for i, rule in enumerate(config.sharding_rules):
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise ConfigError(f"config.sharding_rules[{i}]={rule!r}: a (logical axis, mesh axes) pair")
+        axes = rule[1] if isinstance(rule[1], list | tuple) else [rule[1]]
+        bad = [a for a in axes if a is not None and a not in defaults.MESH_AXES]
+        if bad:
+            raise ConfigError(f"config.sharding_rules[{i}] ({rule[0]}): {bad} are not mesh axes")
+        if rule[0] == "batch" and tuple(axes) != defaults.BATCH_AXES:
+            raise ConfigError(f"config.sharding_rules: batch must stay on {defaults.BATCH_AXES} (the loss)")
+    for i, rule in enumerate(config.mesh_rules):
+        if len(rule) != 2 or not isinstance(rule[0], str) or not _is_section(rule[1]):
+            raise ConfigError(f"config.mesh_rules[{i}]: a (regex, {{field: value}}) pair, got {rule!r}")
+        for dotted in rule[1]:
+            try:
+                _get(config, dotted)
+            except (KeyError, AttributeError):
+                raise ConfigError(f"config.mesh_rules[{i}]: config.{dotted} is not a field") from None
+    if config.hardware:
+        try:
+            hardware.parse_hardware(config.hardware)
+        except UserError as e:
+            raise ConfigError(str(e)) from None
+    d = config.data
+    if not d.allow_demo and not d.train_files and not d.sources:
+        raise ConfigError(
+            "config.data.train_files (or config.data.sources) is empty and this config does not train on "
+            "the demo data (config.data.allow_demo=False): give the corpus, e.g. "
+            "--config.data.train_files='/data/vecap/train-*.array_record' "
+            "--config.data.tokenizer=/data/spiece.model, or run its :local variant"
+        )
+
+
 def _check_layout(config: Any, num_devices: int, process_count: int) -> None:
     from veclip_jax.parallel.mesh import mesh_shape  # imports jax: keep this module light otherwise
 
@@ -274,6 +313,7 @@ def validate_config(
     """
     _check_schema(config, _base_config(), "")
     _check_ranges(config)
+    _check_hardware_and_data(config)
     if num_devices is not None:
         _check_layout(config, num_devices, process_count)
 

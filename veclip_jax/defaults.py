@@ -70,6 +70,36 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
     )
 
 
+# The device mesh's axes (veclip_jax/parallel/mesh.py) and the ones a batch is split over.
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis name -> mesh axes (None: not split). Models only name axes; this decides
+# (veclip_jax/parallel/rules.py). The default:
+# - batch: the examples, over data x fsdp (every device holds a slice; fixed: the loss relies on it).
+# - embed: the width of *parameters* (so of optimizer state) over fsdp; XLA gathers a layer's
+#   weights when it needs them (ZeRO-3).
+# - heads, mlp, vocab: over tensor (Megatron-style splits); act_mlp follows its weights.
+# - act_embed: the width of *activations*, whole, so a batch sharded over fsdp is not re-split.
+SHARDING_RULES = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_embed", None),
+    ("length", None),
+    ("kv", None),
+    ("layers", None),
+    ("norm", None),
+    ("positions", None),
+    ("patch_h", None),
+    ("patch_w", None),
+    ("channels", None),
+    ("proj", None),
+)
+
 # The fields of one entry of config.data.sources (veclip_jax/data/sources.py), with their defaults.
 SOURCE_FIELDS: dict[str, object] = dict(
     files="",  # path spec, as data.train_files; one format per source (.array_record, .tar, .parquet)
@@ -106,7 +136,18 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
     # Device mesh: axis sizes; -1 takes the devices the others leave. The batch
     # is split over data x fsdp; fsdp also shards parameters and optimizer
     # state; tensor splits heads and MLP (veclip_jax/parallel/rules.py).
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # slices: TPU slices joined over the data-center network (multislice); the data axis spans
+    # them (data must be a multiple of slices). Set from config.hardware.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, slices=1))
+    # Logical axis -> mesh axes (veclip_jax/parallel/rules.py): models name axes, this decides.
+    c.sharding_rules = SHARDING_RULES
+    # What the run is meant for (veclip_jax/parallel/hardware.py): "tpu-v5p-256", "tpu-v5p-256-2"
+    # (two slices), "gpu-h100-32", or "" (whatever devices there are). Training checks the devices
+    # match; the first of mesh_rules whose regex matches it sets its fields.
+    c.hardware = ""
+    # (regex over config.hardware, {dotted field: value}) pairs, first match wins, e.g.
+    # ("tpu-v5p-.*", {"mesh.fsdp": -1, "mesh.data": 1, "model.remat": "dots"}).
+    c.mesh_rules = ()
 
     c.optim = ml_collections.ConfigDict(
         dict(
@@ -128,6 +169,9 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
             # extension): comma-separated paths, {000..127} ranges, globs; "" = demo data (or `sources`)
             train_files="",
             tokenizer="",  # sentencepiece model; "" = the demo data's
+            # With no train_files / sources: train on the generated demo data. Paper configs set
+            # False, so a run given no data is refused instead of silently training on the demo.
+            allow_demo=True,
             cache_dir="~/.cache/veclip_jax",  # where the demo data is generated once
             vecap_prob=0.5,  # P(VeCap caption) per example per epoch; 0 = AltText only (CLIP)
             max_bad_fraction=0.01,  # more skipped records than this in a window is an error

@@ -10,6 +10,18 @@ A CSV/TSV table of image paths and captions:
     python launch/make_dataset.py --table=/data/pairs.csv --image_root=/data/images \\
         --out=/data/pairs/train --num_shards=8
 
+Parquet tables (image bytes or paths, caption columns; img2dataset's or HuggingFace's), and an
+ImageFolder tree with a captions file:
+
+    python launch/make_dataset.py --parquet='/data/laion/*.parquet' --alt_text_column=caption \\
+        --out=/data/laion/train --num_shards=64
+    python launch/make_dataset.py --image_folder=/data/pets --captions=/data/pets/captions.json \\
+        --out=/data/pets/train --num_shards=4
+
+Several machines share one conversion: each runs the same command with --num_tasks=M and its own
+--task_index=i, and writes the output shards j with j % M == i; the one that finishes last also
+writes the whole summary.
+
 Rerunning the same command resumes: finished shards are kept, the rest are
 written. The summary is printed and written to OUT-stats.json. The veclip_jax
 package must be installed (`pip install -e .`, as `make setup` does).
@@ -33,18 +45,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--webdataset", help="input tars: comma-separated paths, {000..123} ranges, globs")
     src.add_argument("--table", help="a CSV (or .tsv/.tab: tab-separated) table with a header line")
+    src.add_argument("--parquet", help="Parquet tables: comma-separated paths, ranges, globs")
+    src.add_argument("--image_folder", help="an ImageFolder tree ROOT/CLASS/IMAGE (captions: --captions)")
     p.add_argument("--out", required=True, help="output prefix: OUT-00000-of-0000N.array_record, ...")
     p.add_argument("--num_shards", type=int, required=True, help="output shards (webdataset: <= input tars)")
     p.add_argument("--vecap_json", default="", help="VeCap JSON files {url: caption}, joined by URL")
     p.add_argument("--source", default=None, help="corpus name stored in every record, e.g. cc3m")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
+    p.add_argument("--num_tasks", type=int, default=1, help="machines sharing this conversion")
+    p.add_argument("--task_index", type=int, default=0, help="this machine's index in [0, num_tasks)")
     p.add_argument(
         "--verify_images",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="skip images the training pipeline cannot decode (JPEGs decoded at 1/8 scale)",
     )
-    t = p.add_argument_group("table inputs")
+    f = p.add_argument_group("image folder inputs")
+    f.add_argument(
+        "--captions", default=None, help="JSON {relative path: caption} or JSON lines {image, caption}"
+    )
+    f.add_argument("--class_template", default=None, help='caption of images without one: "a photo of a {}."')
+    t = p.add_argument_group("table and Parquet inputs")
     t.add_argument(
         "--image_root", default=None, help="base of relative image paths (default: the table's dir)"
     )
@@ -68,17 +89,32 @@ def main(argv: list[str] | None = None) -> int:
         source=args.source,
         workers=args.workers,
         verify_images=args.verify_images,
+        task=(args.task_index, args.num_tasks),
+    )
+    columns = TableColumns(
+        image=args.image_column,
+        alt_text=args.alt_text_column,
+        vecap_text=args.vecap_text_column,
+        key=args.key_column,
+        url=args.url_column,
     )
     if args.webdataset:
         summary = convert.convert_webdataset(args.webdataset, args.out, args.num_shards, **common)
-    else:
-        columns = TableColumns(
-            image=args.image_column,
-            alt_text=args.alt_text_column,
-            vecap_text=args.vecap_text_column,
-            key=args.key_column,
-            url=args.url_column,
+    elif args.parquet:
+        summary = convert.convert_parquet(
+            args.parquet, args.out, args.num_shards, columns=columns, image_root=args.image_root, **common
         )
+    elif args.image_folder:
+        del common["vecap_json"]
+        summary = convert.convert_image_folder(
+            args.image_folder,
+            args.out,
+            args.num_shards,
+            captions=args.captions,
+            class_template=args.class_template,
+            **common,
+        )
+    else:
         summary = convert.convert_table(
             args.table,
             args.out,

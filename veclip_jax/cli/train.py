@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 from veclip_jax.config import ConfigError, check_overrides, validate_config
 from veclip_jax.errors import UserError
+from veclip_jax.parallel.hardware import apply_mesh_rules
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string(
@@ -73,8 +74,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--workdir is required")
     config = _CONFIG.value
     try:
+        apply_mesh_rules(config)  # config.hardware's rule sets the mesh, remat, accumulation, dtype
         validate_config(config)  # schema and ranges: no JAX needed, nothing computed
-    except ConfigError as e:
+    except UserError as e:
         _fail(str(e), 2)
     _setup_logging()
 

@@ -160,7 +160,7 @@ def evaluate(
         entries = {n: e | {"max_examples": max_examples} for n, e in entries.items()}
     uses_demo = any(e.get("dataset") == "demo" for e in entries.values())
     results, evaluator = run_tasks(
-        loaded.model, jax.device_get(loaded.params), loaded.tokenizer, type(loaded.preprocess)(loaded.preprocess.size, loaded.preprocess.crop, 'tf_bilinear'), entries,
+        loaded.model, jax.device_get(loaded.params), loaded.tokenizer, loaded.preprocess, entries,
         data_dir=data_dir, batch_size=batch_size, demo_files=_demo_files(run_config) if uses_demo else (),
         progress=progress, devices=devices,
     )  # fmt: skip

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from veclip_jax.parallel.rules import BATCH_AXES
+from veclip_jax.defaults import BATCH_AXES
 
 
 def _terms(

@@ -8,10 +8,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from veclip_jax.parallel.rules import MESH_AXES, batch_spec
+from veclip_jax.defaults import MESH_AXES
+from veclip_jax.parallel.rules import batch_spec
 
 
 def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, ...]:
@@ -50,8 +52,16 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
     """
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(mesh_cfg, len(devices))
+    slices = int(mesh_cfg.get("slices", 1))
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
     try:
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+        if slices > 1:  # multislice: the data axis crosses slices (DCN); the rest stays in a slice (ICI)
+            if shape[0] % slices:
+                raise ValueError(f"config.mesh.data={shape[0]} is not a multiple of mesh.slices={slices}")
+            ici = (shape[0] // slices, *shape[1:])
+            grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+            return Mesh(grid, MESH_AXES, axis_types=axis_types)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
     except (ValueError, NotImplementedError) as e:
         layout = dict(zip(MESH_AXES, shape, strict=True))
         raise ValueError(

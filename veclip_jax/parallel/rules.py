@@ -1,7 +1,8 @@
 """The one place where logical axis names meet mesh axes.
 
-Models name their axes ("embed", "heads", "mlp", "vocab", "batch", ...); this
-table says which mesh axis each is split over. Switching between data
+Models name their axes ("embed", "heads", "mlp", "vocab", "batch", ...); the
+table `config.sharding_rules` (default: veclip_jax/defaults.py SHARDING_RULES,
+config data like the mesh) says which mesh axis each is split over. Switching between data
 parallelism, FSDP and tensor parallelism is then a change of `config.mesh`
 alone: an axis of size 1 shards nothing.
 
@@ -16,31 +17,23 @@ alone: an axis of size 1 shards nothing.
 
 from __future__ import annotations
 
+from typing import Any
+
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from veclip_jax.defaults import BATCH_AXES, SHARDING_RULES
 
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
-DEFAULT_RULES: LogicalRules = (
-    ("batch", BATCH_AXES),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_embed", None),
-    ("length", None),
-    ("kv", None),
-    ("layers", None),
-    ("norm", None),
-    ("positions", None),
-    ("patch_h", None),
-    ("patch_w", None),
-    ("channels", None),
-    ("proj", None),
-)
+DEFAULT_RULES: LogicalRules = SHARDING_RULES
+
+
+def rules_from_config(config: Any) -> LogicalRules:
+    """`config.sharding_rules` as flax wants them (tuples; a JSON round trip gives lists)."""
+    return tuple(
+        (str(name), tuple(axes) if isinstance(axes, list | tuple) else axes)
+        for name, axes in config.sharding_rules
+    )
 
 
 def batch_spec(ndim: int = 1) -> P:

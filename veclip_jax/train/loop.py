@@ -48,7 +48,9 @@ from veclip_jax.eval.tasks import EvalContext
 from veclip_jax.fileio import atomic_write_text, json_safe
 from veclip_jax.hf.from_hf import check_same_model, import_params, is_hf_clip_dir
 from veclip_jax.models.clip import CLIP, build_model
+from veclip_jax.parallel.hardware import apply_mesh_rules, check_devices
 from veclip_jax.parallel.mesh import global_batch, make_mesh
+from veclip_jax.parallel.rules import rules_from_config
 from veclip_jax.train.checkpoint import Checkpointer, restore_params
 from veclip_jax.train.metrics import MetricsWriter
 from veclip_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -97,7 +99,8 @@ def train(
     """
     # --- config: refused before any compute ------------------------------------------------------
     devices = list(devices if devices is not None else jax.devices())
-    _check_config(config, len(devices))
+    _check_config(config, devices)
+    rules = rules_from_config(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     is_writer = jax.process_index() == 0
     total = config.total_steps
@@ -121,7 +124,7 @@ def train(
         # --- model and optimizer -----------------------------------------------------------------
         model = build_model(config.model)
         tx = make_optimizer(config.optim, total)
-        shardings = state_shardings(model, tx, mesh)
+        shardings = state_shardings(model, tx, mesh, rules)
 
         # --- state: resume from this workdir, else init_from, else fresh ---------------------------
         ckpt = Checkpointer(
@@ -138,7 +141,7 @@ def train(
 
         # --- the train step: one jitted function of (state, batch), state donated -------------------
         train_step = make_train_step(
-            model, tx, mesh, shardings, grad_accum_steps=config.optim.grad_accum_steps,
+            model, tx, mesh, shardings, grad_accum_steps=config.optim.grad_accum_steps, rules=rules,
             learning_rate_fn=learning_rate_schedule(config.optim, total),
         )  # fmt: skip
 
@@ -208,9 +211,12 @@ def train(
 # --- the stages' helpers, in the order `train` uses them ------------------------------------------
 
 
-def _check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Every check that needs no compute: fields, mesh and batch layout, init_from's sizes."""
-    validate_config(config, num_devices=num_devices, process_count=jax.process_count())
+def _check_config(config: ml_collections.ConfigDict, devices: list[jax.Device]) -> None:
+    """Every check that needs no compute: the hardware's rule applied, fields, the devices, the mesh
+    and batch layout, init_from's sizes."""
+    apply_mesh_rules(config)
+    validate_config(config, num_devices=len(devices), process_count=jax.process_count())
+    check_devices(config.hardware, devices)
     if config.init_from and is_hf_clip_dir(config.init_from):
         try:
             check_same_model(config.init_from, config.model)
@@ -251,7 +257,8 @@ def _initial_state(
         state, meta, start = restored
         log.info("resumed from step %d (%s)", start, ckpt.step_dir(start))
         return state, start, int(meta.get("nonfinite_streak", 0))
-    state = init_train_state(model, tx, mesh, jax.random.key(config.seed)).state
+    rules = rules_from_config(config)
+    state = init_train_state(model, tx, mesh, jax.random.key(config.seed), rules).state
     if config.init_from:
         placement = abstract_train_state(model, tx, shardings).params
         if is_hf_clip_dir(config.init_from):
@@ -280,7 +287,7 @@ def _make_evaluator(
         return None
     size = config.model.vision.image_size
     ctx = EvalContext(
-        Encoders(model, mesh, param_shardings, config.eval_batch_size),
+        Encoders(model, mesh, param_shardings, config.eval_batch_size, rules_from_config(config)),
         tokenizer,
         EvalPreprocess(size, size),  # the evaluation transform that veclip_jax.load and export use
         demo_files=sources.eval_files if sources.is_demo else (),

@@ -27,10 +27,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from veclip_jax.defaults import BATCH_AXES
 from veclip_jax.models.clip import CLIP
 from veclip_jax.objectives.clip import clip_loss
 from veclip_jax.parallel.mesh import batch_sharding, replicated
-from veclip_jax.parallel.rules import BATCH_AXES, DEFAULT_RULES, LogicalRules
+from veclip_jax.parallel.rules import DEFAULT_RULES, LogicalRules
 from veclip_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]

@@ -38,6 +38,7 @@ class Row:
     vecap_text: str | None
     url: str | None
     error: str | None = None  # why the row is unusable ("FILE line N: ..."); None for a good row
+    image_bytes: bytes | None = None  # the image itself (Parquet cells), instead of a file at `image`
 
 
 def _has_undecodable(cells: list[str]) -> bool:
@@ -119,4 +120,60 @@ def read_table(
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         log.warning("table %s: %d unreadable rows skipped: %s%s", path, len(bad), "; ".join(bad[:3]), more)
+    return rows
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+def read_image_folder(root: str, captions: str | None, class_template: str | None = None) -> list[Row]:
+    """The images under `root` (an ImageFolder tree, sorted) as Rows, captioned from a captions file.
+
+    `captions`: a JSON object {relative path: caption, or {"alt_text": ..., "vecap_text": ...}}, or
+    JSON lines {"image": relative path, "alt_text"/"caption": ..., "vecap_text": ...}. An image
+    without an entry takes `class_template` filled with its folder's name ("a photo of a {}."),
+    else no caption (the converter skips it as no_caption). The key is the relative path.
+    """
+    import json
+
+    entries: dict[str, dict[str, str | None]] = {}
+    if captions:
+        with open(captions, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        try:
+            whole = json.loads(text)
+            items = whole.items() if isinstance(whole, dict) else None
+        except ValueError:
+            whole, items = None, None
+        if items is None:  # JSON lines
+            items = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    items.append((obj["image"], obj))
+                except (ValueError, KeyError, TypeError):
+                    log.warning(
+                        "captions %s line %d: not a JSON object with an 'image': skipped", captions, n
+                    )
+        for rel, value in items:
+            if isinstance(value, str):
+                value = {"alt_text": value}
+            if isinstance(value, dict):
+                alt = value.get("alt_text", value.get("caption"))
+                entries[os.path.normpath(str(rel))] = {"alt_text": alt, "vecap_text": value.get("vecap_text")}
+    rows = []
+    for directory, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if not name.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            path = os.path.join(directory, name)
+            rel = os.path.relpath(path, root)
+            entry = entries.get(rel) or entries.get(os.path.splitext(rel)[0]) or {}
+            alt = entry.get("alt_text")
+            if alt is None and class_template and os.path.dirname(rel):
+                alt = class_template.format(os.path.basename(os.path.dirname(rel)).replace("_", " "))
+            rows.append(Row(key=rel, image=path, alt_text=alt, vecap_text=entry.get("vecap_text"), url=None))
     return rows

@@ -1,0 +1,77 @@
+"""Parquet tables of image-text pairs (img2dataset's parquet output, HuggingFace datasets' files).
+
+A row holds the image itself (bytes; a HuggingFace Image struct {"bytes", "path"}) or a path to it,
+captions, and optionally a key and a URL, in columns named like a CSV table's (TableColumns).
+Read in record batches, so a file larger than memory streams.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from veclip_jax.data.readers.table import Row, TableColumns
+
+# img2dataset writes the image to a column named after its format; HF datasets use "image".
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image")
+
+
+def _image_cell(value: Any, image_root: str) -> tuple[str, bytes | None]:
+    """(path, bytes) of an image cell: bytes inline, a struct with bytes or a path, or a path string."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return "", bytes(value["bytes"])
+        value = value.get("path")
+    if isinstance(value, bytes | bytearray):
+        return "", bytes(value)
+    if isinstance(value, str) and value.strip():
+        return os.path.join(image_root, os.path.expanduser(value.strip())), None
+    return "", None
+
+
+def iter_parquet_rows(path: str, columns: TableColumns, image_root: str) -> Iterator[Row | str]:
+    """The rows of one Parquet file as table Rows (image bytes inline), or "unreadable_input" and stop.
+
+    The image column is `columns.image` if the file has it, else the first of IMAGE_COLUMNS; the
+    AltText column `columns.alt_text`, else "caption" (img2dataset). The key
+    is the key column's value, else FILE-STEM/ROW. A file that cannot be opened or is damaged
+    part-way yields its rows up to the damage, then "unreadable_input".
+    """
+    import pyarrow.parquet as pq
+
+    stem = os.path.splitext(os.path.basename(path))[0]
+    try:
+        f = pq.ParquetFile(path)
+        names = set(f.schema_arrow.names)
+        image = (
+            columns.image if columns.image in names else next((c for c in IMAGE_COLUMNS if c in names), None)
+        )
+        wanted = {"image": image} | {
+            field: getattr(columns, field)
+            for field in ("alt_text", "vecap_text", "key", "url")
+            if getattr(columns, field) in names
+        }
+        if "alt_text" not in wanted and "caption" in names:
+            wanted["alt_text"] = "caption"  # img2dataset's name for the AltText
+        r = 0
+        for batch in f.iter_batches(batch_size=256, columns=sorted({c for c in wanted.values() if c})):
+            for cells in batch.to_pylist():
+                img_path, img_bytes = _image_cell(cells.get(image) if image else None, image_root)
+
+                def text(field: str, cells: dict = cells) -> str | None:
+                    value = cells.get(wanted.get(field)) if wanted.get(field) else None
+                    return value if isinstance(value, str) else None
+
+                yield Row(
+                    key=(text("key") or "").strip() or f"{stem}/{r}",
+                    image=img_path,
+                    alt_text=text("alt_text"),
+                    vecap_text=text("vecap_text"),
+                    url=(text("url") or "").strip() or None,
+                    image_bytes=img_bytes,
+                )
+                r += 1
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError; missing files OSError
+        del e
+        yield "unreadable_input"
