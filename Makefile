@@ -6,11 +6,12 @@ BIN := $(VENV)/bin
 .PHONY: setup test lint demo demo-table clean
 
 # The pinned requirements, then the package itself in editable mode (no build isolation: no download).
-$(BIN)/.installed: requirements.txt pyproject.toml
+$(BIN)/.installed: requirements.txt requirements-tpu.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q --no-deps --target $(VENV)/libtpu -r requirements-tpu.txt
 	touch $@
 
 setup: $(BIN)/.installed

@@ -45,7 +45,7 @@ def main() -> None:
 
         pipeline.TrainIterator.__next__ = next_then_preempt
     result = loop.train(c, workdir)
-    print(f"process {pid}: step {result.step} from {result.start_step} preempted {result.preempted}", flush=True)
+    print(f"process {pid}: step {result.step} from {result.start_step} preempted {result.preempted}")
     jax.distributed.shutdown()
 
 

@@ -45,3 +45,13 @@ def test_measure_is_records_delivered_over_the_timed_seconds_after_warm_up(monke
     rate = bench_input.measure(config=None, seconds=1.0, warmup_batches=3)
     assert len(delivered) == 3 + 8  # 3 warm-up batches (not timed), then 1 s of batches
     assert rate == 8 * 64 / 1.0
+
+
+def test_input_benchmark_prints_a_rate_per_format_and_source_count(demo_cache, capsys):
+    # In-process (0 workers) here, to keep the test short; the README's table uses 1 and 2 processes.
+    bench_input.main(["--seconds=0.2", "--datasets=formats", "--num_photos=8", "--workers=0",
+                      f"--cache_dir={demo_cache}"])  # fmt: skip
+    out = capsys.readouterr().out
+    rows = re.findall(r"^(.+?) +in-process, 1 thread +(\d+)$", out, flags=re.M)
+    assert [label for label, _ in rows] == [label for label, _ in bench_input.FORMAT_ROWS]
+    assert all(int(rate) > 0 for _, rate in rows)

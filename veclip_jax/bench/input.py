@@ -3,10 +3,13 @@
     python -m veclip_jax.bench.input                 # about 1.5 minutes on 2 cores
     python -m veclip_jax.bench.input --seconds=10 --workers=1,2,4
 
-Two datasets:
-  demo   the embedded demo data (64 px JPEGs) cropped to the tiny model's 32 px
-  photo  500x375 JPEGs (quality 90, photo-like noise and gradients; generated
-         into a temporary directory) cropped to 224 px, as for a B/16 model
+Three datasets:
+  demo     the embedded demo data (64 px JPEGs) cropped to the tiny model's 32 px
+  photo    500x375 JPEGs (quality 90, photo-like noise and gradients; generated
+           into a temporary directory) cropped to 224 px, as for a B/16 model
+  formats  the photo pairs as ArrayRecord shards, WebDataset tars and Parquet
+           files, read alone and as mixtures of 2 and 3 sources (data.sources),
+           with 1 and 2 worker processes (simplejpeg)
 
 For each, the simplejpeg path (the default) and the PIL path (data.decoder="pil",
 the baseline), with k = 1, 2 reader threads in one process (data.num_workers=0,
@@ -20,7 +23,9 @@ gives the per-core cost.
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import tarfile
 import tempfile
 import time
 from collections.abc import Sequence
@@ -66,6 +71,44 @@ def make_photo_shards(out_dir: str, num_images: int, seed: int = 0, distinct: in
     return records.write_shards(recs, os.path.join(out_dir, "photo"), 2)
 
 
+def make_format_files(out_dir: str, shards: list[str]) -> dict[str, str]:
+    """The records of `shards` again as 4 WebDataset tars and 4 Parquet files; path specs by format."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = list(records.RecordReader(shards))
+    for f in range(4):
+        part = recs[f::4]
+        with tarfile.open(os.path.join(out_dir, f"photo-{f:05d}.tar"), "w") as tar:
+            for r in part:
+                for ext, data in (
+                    ("jpg", r.jpeg),
+                    ("txt", r.alt_text.encode()),
+                    ("json", b'{"status": "success"}'),
+                ):
+                    info = tarfile.TarInfo(f"{r.key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        table = pa.table({"jpg": [r.jpeg for r in part], "caption": [r.alt_text for r in part]})
+        pq.write_table(table, os.path.join(out_dir, f"photo-{f}.parquet"), row_group_size=64)
+    return {
+        "array_record": ",".join(shards),
+        "array_record_0": shards[0],
+        "array_record_1": shards[1],
+        "tar": os.path.join(out_dir, "photo-{00000..00003}.tar"),
+        "parquet": os.path.join(out_dir, "photo-*.parquet"),
+    }
+
+
+FORMAT_ROWS = (
+    ("ArrayRecord", dict(train_files="array_record")),
+    ("WebDataset tar", dict(train_files="tar")),
+    ("Parquet", dict(train_files="parquet")),
+    ("2 sources: ArrayRecord x2", dict(sources={"a": "array_record_0", "b": "array_record_1"})),
+    ("3 sources: AR + tar + Parquet", dict(sources={"ar": "array_record", "tar": "tar", "pq": "parquet"})),
+)
+
+
 def measure(config, seconds: float, warmup_batches: int = 3) -> float:
     """Examples/s delivered by make_train_iterator(config), after warm-up."""
     it = pipeline.make_train_iterator(config, process_index=0, process_count=1)
@@ -99,8 +142,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per configuration")
     p.add_argument("--workers", default="1,2", help="parallelism levels to run, comma-separated")
     p.add_argument("--decoders", default="simplejpeg,pil")
-    p.add_argument("--datasets", default="demo,photo")
+    p.add_argument("--datasets", default="demo,photo,formats")
     p.add_argument("--num_photos", type=int, default=256)
+    p.add_argument(
+        "--rounds", type=int, default=1, help="formats table: measurements per row (the best kept)"
+    )
     p.add_argument("--cache_dir", default=None, help="demo data cache (default: the config's)")
     args = p.parse_args(argv)
     levels = [int(k) for k in args.workers.split(",")]
@@ -119,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 c.batch_size = 64
                 c.data.train_files, c.data.tokenizer = ",".join(files), d.tokenizer
                 label = "demo 64px -> 32px"
+            elif name == "formats":
+                continue  # after the per-decoder table
             elif name == "photo":
                 t0 = time.perf_counter()
                 files = make_photo_shards(tmp, args.num_photos)
@@ -135,13 +183,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise ValueError(f"unknown dataset {name!r}")
             datasets[name] = (label, c, jpegs)
 
-        print(f"\n{'dataset':24} {'decoder':11} {'mode':26} {'records/s':>10}")
+        if datasets:
+            print(f"\n{'dataset':24} {'decoder':11} {'mode':26} {'records/s':>10}")
         for label, c, jpegs in datasets.values():
             size = c.model.vision.image_size
             for decoder in decoders:
                 rate = decode_only(jpegs, size, decoder, min(args.seconds, 2.0))
                 print(f"{label:24} {decoder:11} {'decode+crop only, 1 thread':26} {rate:10.0f}", flush=True)
-                for k in levels:
+                for k in (k for k in levels if k > 0):  # 0: only for the formats table
                     for mode in ("threads", "processes"):
                         c.data.decoder = decoder
                         c.data.num_workers = k if mode == "processes" else 0
@@ -153,6 +202,39 @@ def main(argv: Sequence[str] | None = None) -> None:
                         )
                         rate = measure(c, args.seconds)
                         print(f"{label:24} {decoder:11} {desc:26} {rate:10.0f}", flush=True)
+        if "formats" in args.datasets.split(","):
+            bench_formats(tmp, args, levels)
+
+
+def bench_formats(tmp: str, args: argparse.Namespace, levels: list[int]) -> None:
+    """Records/s of the photo pairs (224 px crops) per format and per source count, in worker processes."""
+    c = get_config()
+    if args.cache_dir:
+        c.data.cache_dir = args.cache_dir
+    c.data.tokenizer = demo.ensure_demo_data(c.data.cache_dir).tokenizer
+    c.batch_size = 32
+    c.model.vision.image_size = 224
+    c.data.num_threads = 1
+    # Tars and Parquet are read through a shuffle window: keep it within an epoch of these few photos
+    # (a window of the default 1,000 would cycle them many times before the first batch).
+    c.data.shuffle_buffer = max(1, min(1000, args.num_photos // 4))
+    os.makedirs(os.path.join(tmp, "formats"), exist_ok=True)
+    files = make_format_files(os.path.join(tmp, "formats"), make_photo_shards(os.path.join(tmp, "formats"),
+                                                                                args.num_photos))  # fmt: skip
+    # Rows are measured round-robin, `--rounds` times, and the best kept: on a shared machine a
+    # co-tenant's burst then costs one sample of a row, not a whole row.
+    best: dict[tuple[str, int], float] = {}
+    for _ in range(args.rounds):
+        for label, how in FORMAT_ROWS:
+            c.data.train_files = files[how["train_files"]] if "train_files" in how else ""
+            c.data.sources = {name: {"files": files[f]} for name, f in how.get("sources", {}).items()}
+            for k in levels:
+                c.data.num_workers = k
+                best[label, k] = max(best.get((label, k), 0.0), measure(c, args.seconds))
+    print(f"\n{'photo 500x375 -> 224px':32} {'mode':20} {'records/s':>10}")
+    for (label, k), rate in best.items():
+        desc = f"{k} worker process{'es' if k > 1 else ''}" if k else "in-process, 1 thread"
+        print(f"{label:32} {desc:20} {rate:10.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -308,7 +308,8 @@ class ConversionSummary:
             lines.append(f"  records per shard: min {min(per_shard):,}, max {max(per_shard):,}")
         if self.duplicate_keys_across_shards:
             shown = ", ".join(" and ".join(p) for p in self.duplicate_key_shards[:3])
-            lines.append(f"  keys in more than one shard: {self.duplicate_keys_across_shards:,} (e.g. {shown})")
+            n = self.duplicate_keys_across_shards
+            lines.append(f"  keys in more than one shard: {n:,} (e.g. {shown})")
         if self.task != [0, 1]:
             lines.append(f"  task {self.task[0]} of {self.task[1]}: its {len(self.shards)} shards above")
         lines.append(f"  stats: {self.stats_path}")

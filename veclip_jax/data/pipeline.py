@@ -599,12 +599,12 @@ class TrainIterator(grain.DatasetIterator):
             # Same workers: worker 0 of the new pipeline takes the residue whose batch is next,
             # so the batches continue exactly as if the run had not stopped.
             base = frontier - (frontier - int(state["next_residue"])) % k
-        skip = frozenset(range(base, frontier)) | frozenset(beyond)
+        skip = frozenset(range(base, frontier + 1)) | frozenset(beyond)
         self.close()
         self._closed = False
         self._it = None
         self._start = {"base": base, "skip": skip}
-        self._consumed = _Consumed(frontier, set(beyond))
+        self._consumed = _Consumed(frontier + 1, set(beyond))
         self._batches = 0
 
     def close(self) -> None:

@@ -40,6 +40,7 @@ _COMPILE_ONLY_ENV = {
     "TPU_WORKER_HOSTNAMES": "localhost",
     "TPU_WORKER_ID": "0",
     "TPU_ACCELERATOR_TYPE": "v5p-8",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # compile-only: several compiles may run at once (no chips to share)
 }
 
 

@@ -1,0 +1,26 @@
+"""VeCap 100M, VeCLIP-B/16: a row of the VeCLIP paper's table, B/16 at 224 px.
+
+Reported (the released checkpoints, apple/ml-veclip README):
+COCO R@1 I2T 64.82 / T2I 46.12, Flickr30k R@1 I2T 89.30 / T2I 73.10, ImageNet top-1 60.77,
+ImageNet-V2 54.17.
+
+Data: VeCap-100M (100M pairs); text: AltText or VeCap with probability 0.5 per visit (VeCLIP's mixed
+training).
+Samples seen 2,048M = 62,500 steps x global batch 32,768.
+Written for tpu-v5p-256 (128 chips); config.mesh_rules pick the mesh, remat and dtype for
+other pods and for H100 clusters. Compiled memory per chip: README "Reproduce the paper".
+Fallback recipe, not from the paper (its appendix could not be read): AdamW, lr 5e-4, 2k warm-up,
+cosine, wd 0.2, samples seen and batch above; veclip_jax/recipes.py says which settings.
+
+  python launch/train.py --config=configs/vecap100m_b16.py --workdir=gs://BUCKET/run \
+      --config.data.train_files='/data/vecap100m/train-*.array_record' \
+      --config.data.tokenizer=/data/t5/spiece.model
+  python launch/compile.py --config=configs/vecap100m_b16.py        # memory per chip, no pod needed
+  python launch/train.py --config=configs/vecap100m_b16.py:local --workdir=/tmp/local  # CPU, demo
+"""
+
+from veclip_jax.recipes import paper_config
+
+
+def get_config(arg: str | None = None):
+    return paper_config("vecap100m_b16", arg)

@@ -1,0 +1,25 @@
+"""VeCap 100M, CLIP-B/16 (AltText): a row of the VeCLIP paper's table, B/16 at 224 px.
+
+Reported (the released checkpoints, apple/ml-veclip README):
+COCO R@1 I2T 47.24 / T2I 30.61, Flickr30k R@1 I2T 74.40 / T2I 57.16, ImageNet top-1 58.64,
+ImageNet-V2 50.96.
+
+Data: VeCap-100M (100M pairs); text: AltTexts only (data.vecap_prob=0: the CLIP baseline).
+Samples seen 2,048M = 62,500 steps x global batch 32,768.
+Written for tpu-v5p-256 (128 chips); config.mesh_rules pick the mesh, remat and dtype for
+other pods and for H100 clusters. Compiled memory per chip: README "Reproduce the paper".
+Fallback recipe, not from the paper (its appendix could not be read): AdamW, lr 5e-4, 2k warm-up,
+cosine, wd 0.2, samples seen and batch above; veclip_jax/recipes.py says which settings.
+
+  python launch/train.py --config=configs/vecap100m_clip_b16.py --workdir=gs://BUCKET/run \
+      --config.data.train_files='/data/vecap100m/train-*.array_record' \
+      --config.data.tokenizer=/data/t5/spiece.model
+  python launch/compile.py --config=configs/vecap100m_clip_b16.py        # memory per chip, no pod needed
+  python launch/train.py --config=configs/vecap100m_clip_b16.py:local --workdir=/tmp/local  # CPU, demo
+"""
+
+from veclip_jax.recipes import paper_config
+
+
+def get_config(arg: str | None = None):
+    return paper_config("vecap100m_clip_b16", arg)

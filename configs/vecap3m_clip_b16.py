@@ -1,0 +1,25 @@
+"""VeCap 3M, CLIP-B/16 (AltText): a row of the VeCLIP paper's table, B/16 at 224 px.
+
+Reported (the released checkpoints, apple/ml-veclip README):
+COCO R@1 I2T 5.46 / T2I 3.28, Flickr30k R@1 I2T 12.20 / T2I 6.36, ImageNet top-1 5.46, ImageNet-V2
+7.09.
+
+Data: VeCap-3M (3M pairs); text: AltTexts only (data.vecap_prob=0: the CLIP baseline).
+Samples seen 96M = 11,719 steps x global batch 8,192.
+Written for tpu-v5p-64 (32 chips); config.mesh_rules pick the mesh, remat and dtype for
+other pods and for H100 clusters. Compiled memory per chip: README "Reproduce the paper".
+Fallback recipe, not from the paper (its appendix could not be read): AdamW, lr 5e-4, 2k warm-up,
+cosine, wd 0.2, samples seen and batch above; veclip_jax/recipes.py says which settings.
+
+  python launch/train.py --config=configs/vecap3m_clip_b16.py --workdir=gs://BUCKET/run \
+      --config.data.train_files='/data/vecap3m/train-*.array_record' \
+      --config.data.tokenizer=/data/t5/spiece.model
+  python launch/compile.py --config=configs/vecap3m_clip_b16.py        # memory per chip, no pod needed
+  python launch/train.py --config=configs/vecap3m_clip_b16.py:local --workdir=/tmp/local  # CPU, demo
+"""
+
+from veclip_jax.recipes import paper_config
+
+
+def get_config(arg: str | None = None):
+    return paper_config("vecap3m_clip_b16", arg)

@@ -1,0 +1,212 @@
+"""The paper's runs as configs: refused without data, a local variant that trains on the CPU, mesh
+rules per accelerator, and the train step compiled for a TPU topology on this host."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from veclip_jax import defaults, recipes
+from veclip_jax.config import ConfigError, validate_config
+from veclip_jax.errors import UserError
+from veclip_jax.parallel import hardware
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER = sorted(recipes.RUNS)
+GOLDEN_COMPILE = os.path.join(ROOT, "tests", "golden_compile.json")
+
+
+def _paper(name: str, arg: str | None = None):
+    return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def test_every_paper_row_has_a_config_file():
+    files = {f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py")}
+    assert set(PAPER) <= files
+    assert len(PAPER) == 13
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_a_paper_config_without_data_is_refused_naming_the_data_fields(name):
+    with pytest.raises(ConfigError, match=r"config\.data\.(train_files|sources\.\w+\.files)"):
+        validate_config(_paper(name))
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_a_paper_config_states_the_papers_numbers_and_its_recipe(name):
+    doc = importlib.import_module(f"configs.{name}").__doc__
+    run = recipes.RUNS[name]
+    assert f"ImageNet top-1 {run.results['imagenet']:.2f}" in doc
+    assert f"global batch {run.batch_size:,}" in doc and run.hardware in doc and "not from the paper" in doc
+    config = _paper(name)
+    assert config.total_steps * config.batch_size == run.samples_seen
+    assert config.model.vision.width == defaults.MODEL_SIZES[run.size]["vision"]["width"]
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_every_local_variant_trains_on_the_cpu(name, demo_cache, tmp_path):
+    from veclip_jax.train import loop
+
+    config = _paper(name, "local")
+    config.data.cache_dir = demo_cache
+    result = loop.train(config, str(tmp_path))
+    assert result.step == config.total_steps and result.eval
+    assert np.isfinite(result.eval[next(iter(result.eval))])
+
+
+@pytest.mark.parametrize(
+    "name, devices, mesh, remat",
+    [
+        ("tpu-v5p-256", 128, dict(data=1, fsdp=-1), "dots"),
+        ("tpu-v5p-1024", 512, dict(data=-1, fsdp=128), "dots"),
+        ("tpu-v5p-256-2", 256, dict(data=-1, fsdp=128), "dots"),
+        ("tpu-v5litepod-256", 256, dict(data=-1, fsdp=128), "full"),
+        ("gpu-h100-32", 32, dict(data=-1, fsdp=8), "dots"),
+    ],
+)
+def test_the_hardware_picks_its_rule(name, devices, mesh, remat):
+    config = _paper("vecap200m_b16")
+    config.hardware = name
+    hardware.apply_mesh_rules(config)
+    assert {k: config.mesh[k] for k in mesh} == mesh
+    assert config.model.remat == remat and config.model.dtype == "bfloat16"
+    assert config.mesh.slices == (2 if name.endswith("-2") else 1)
+    assert hardware.parse_hardware(name).total_chips == devices
+
+
+def test_a_bad_hardware_name_and_a_rule_naming_no_field_are_refused():
+    config = _paper("vecap200m_b16", "local")
+    config.hardware = "tpu-v9-8"
+    with pytest.raises(ConfigError, match=r"config\.hardware='tpu-v9-8'"):
+        validate_config(config)
+    config.hardware = ""
+    config.mesh_rules = ((".*", {"mesh.fdsp": 2}),)
+    with pytest.raises(ConfigError, match=r"config\.mesh\.fdsp is not a field"):
+        validate_config(config)
+
+
+def test_training_refuses_devices_that_are_not_the_named_hardware():
+    with pytest.raises(UserError, match=r"expects TPU v5 devices, the run has \['cpu'\]"):
+        hardware.check_devices("tpu-v5p-8", jax.devices())
+
+
+def test_model_flops_follow_xlas_count_of_the_unrolled_step():
+    from tests.helpers import random_batch
+    from veclip_jax.bench.step import step_flops
+    from veclip_jax.models.clip import build_model
+    from veclip_jax.parallel.mesh import global_batch, make_mesh
+    from veclip_jax.train.aot import train_flops_per_step
+    from veclip_jax.train.optim import make_optimizer
+    from veclip_jax.train.state import init_train_state
+
+    config = defaults.get_config("tiny")
+    config.model.vision.update(width=128, mlp_dim=512)
+    config.model.text.update(width=128, mlp_dim=512)
+    mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    tx = make_optimizer(config.optim, config.total_steps)
+    init = init_train_state(build_model(config.model), tx, mesh, jax.random.key(0))
+    batch = global_batch(mesh, random_batch(config, config.batch_size))
+    xla = step_flops(config, mesh, tx, init, batch)
+    assert train_flops_per_step(config) == pytest.approx(xla, rel=0.05)
+
+
+def _libtpu_env() -> dict:
+    from veclip_jax.train.aot import find_libtpu
+
+    try:
+        return dict(os.environ, TPU_LIBRARY_PATH=find_libtpu())
+    except UserError as e:
+        pytest.skip(str(e))  # make setup installs it; a bare pip install of requirements.txt does not
+
+
+def test_the_tiny_step_compiles_for_a_tpu_topology_on_this_host(tmp_path):
+    env = _libtpu_env()
+    report = tmp_path / "report.json"
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "compile.py"), "--config=configs/tiny.py",
+           "--topology=v5p:2x2x1", f"--json={report}"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(report.read_text())
+    assert r["devices"] == 4 and r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert 0 < r["params_bytes"] <= r["argument_bytes"] and r["temp_bytes"] > 0
+    assert r["hbm_bytes"] == 95 * 2**30 and r["peak_bytes"] < r["hbm_bytes"]
+    assert "per device:" in out.stdout and "images/s" in out.stdout
+    # The same step on a chip too small for it: exit 2, by how much, and what would fit.
+    small = subprocess.run([*cmd, "--hbm_gib=0.01", "--nofind_fit"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=900)  # fmt: skip
+    assert small.returncode == 2
+    assert "does not fit" in small.stderr and "GiB over" in small.stderr
+
+
+def test_a_step_that_does_not_fit_gets_the_overrides_that_would():
+    from veclip_jax.train import aot
+
+    config = defaults.get_config("tiny")
+    config.batch_size = 256
+    devices = jax.devices()[:1]  # CPU devices compile in seconds; the search is the same
+    accelerator = hardware.parse_hardware("tpu-v5p-8")
+    mesh = dict(data=1, fsdp=1, tensor=1)
+    config.mesh.update(mesh)
+    baseline = aot.compile_step(config, accelerator, devices)
+    accumulated = config.copy_and_resolve_references()
+    accumulated.model.remat, accumulated.optim.grad_accum_steps = "full", 4
+    target = aot.compile_step(accumulated, accelerator, devices).peak_bytes
+    assert target < baseline.peak_bytes
+    fix = aot.find_fitting_overrides(config, accelerator, devices, target)
+    assert fix is not None and "--config.model.remat=full" in fix
+    assert aot.find_fitting_overrides(config, accelerator, devices, 1) is None
+
+
+def test_the_golden_table_covers_every_paper_config_and_each_fits_its_pod():
+    with open(GOLDEN_COMPILE) as f:
+        table = json.load(f)
+    assert sorted(table) == PAPER
+    for name, row in table.items():
+        assert row["hardware"] == recipes.RUNS[name].hardware
+        assert row["peak_bytes"] <= row["hbm_bytes"], name
+
+
+_GOLDEN_FIELDS = ("devices", "mesh", "params_bytes", "optimizer_bytes", "argument_bytes", "temp_bytes",
+                  "peak_bytes", "hbm_bytes", "flops_per_step")  # fmt: skip
+
+
+def _compile_key(name: str) -> str:
+    """Configs that compile to the same program (same towers, batch, pod and rules) share one compile."""
+    c = _paper(name)
+    return json.dumps([c.model.to_dict(), c.batch_size, c.hardware, c.optim.grad_accum_steps,
+                       [list(r) for r in c.mesh_rules]], sort_keys=True, default=str)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_regenerate_the_golden_compile_table(tmp_path):
+    """Compiles every paper config for its pod (minutes each): UPDATE_GOLDEN=1 rewrites the table."""
+    env = _libtpu_env()
+    compiled: dict[str, dict] = {}
+    table = {}
+    for name in PAPER:
+        key = _compile_key(name)
+        if key not in compiled:
+            out = tmp_path / f"{name}.json"
+            cmd = [sys.executable, os.path.join(ROOT, "launch", "compile.py"), f"--config=configs/{name}.py",
+                   f"--json={out}"]  # fmt: skip
+            run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+            assert run.returncode == 0, run.stderr[-3000:]
+            compiled[key] = json.loads(out.read_text())
+        r = compiled[key]
+        table[name] = {k: r[k] for k in _GOLDEN_FIELDS}
+        table[name]["hardware"] = recipes.RUNS[name].hardware
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        with open(GOLDEN_COMPILE, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+            f.write("\n")
+    with open(GOLDEN_COMPILE) as f:
+        golden = json.load(f)
+    for name in PAPER:
+        assert table[name]["peak_bytes"] == pytest.approx(golden[name]["peak_bytes"], rel=0.05), name
