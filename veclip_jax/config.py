@@ -24,6 +24,7 @@ import ml_collections
 from veclip_jax import defaults
 from veclip_jax.errors import UserError
 from veclip_jax.eval import registry
+from veclip_jax.objectives import OBJECTIVES, make_objective
 
 # Fields whose keys are data, not schema: the evaluation registry's entry names (each entry
 # is checked by veclip_jax/eval/registry.py instead).
@@ -153,6 +154,9 @@ _RANGES: list[Check] = [
     ("data.num_threads", _positive, "must be >= 1"),
     ("data.prefetch", _positive, "must be >= 1"),
     ("eval_batch_size", _positive, "must be >= 1"),
+    ("objective.name", lambda x: x in OBJECTIVES, f"must be one of {', '.join(map(repr, OBJECTIVES))}"),
+    ("objective.siglip.temperature_init", math.isfinite, "must be finite"),
+    ("objective.siglip.bias_init", math.isfinite, "must be finite"),
 ]
 
 
@@ -194,6 +198,13 @@ def _check_ranges(config: Any) -> None:
             "directory); "
             "the demo tokenizer knows only the demo captions. Train one with "
             "`python -m veclip_jax.data.tokenizer --input=SHARDS --out=spiece.model`"
+        )
+    objective = make_objective(config.objective)
+    if config.optim.grad_accum_steps > 1 and not objective.pooled_only:
+        raise ConfigError(
+            f"config.optim.grad_accum_steps={config.optim.grad_accum_steps}: objective "
+            f"{objective.name!r} (config.objective.name) needs more than the pooled embeddings, so the "
+            "exact gradient accumulation cannot serve it; use 1 (and a smaller batch or more devices)"
         )
     warmup = config.optim.warmup_steps
     if warmup >= config.total_steps:

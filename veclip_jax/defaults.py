@@ -163,6 +163,19 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
         )
     )
 
+    # The training objective (veclip_jax/objectives/): what the train step differentiates.
+    # name: "clip" (symmetric InfoNCE) or "siglip" (pairwise sigmoid loss, Zhai et al. 2023).
+    # Each objective's own fields sit in its sub-section; only the chosen one's are read.
+    c.objective = ml_collections.ConfigDict(
+        dict(
+            name="clip",
+            siglip=dict(
+                temperature_init=math.log(10.0),  # t' (t = exp t'), replaces model.logit_scale_init
+                bias_init=-10.0,  # b, the learned bias, params["objective"]["bias"]
+            ),
+        )
+    )
+
     c.data = ml_collections.ConfigDict(
         dict(
             # One source: ArrayRecord shards, WebDataset tars or Parquet files (format from the

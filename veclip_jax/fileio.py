@@ -5,6 +5,13 @@ written (configs, stats, tokenizers, metrics rewrites) goes through
 `atomic_write_*`: the bytes land in a temporary sibling, are flushed to disk
 and renamed over the target, so a reader sees the old file or the new one,
 never half of one, and a crash leaves the old file in place.
+
+Paths may be local or remote (`gs://BUCKET/...`, a Cloud TPU pod's shared
+workdir): `is_local` / `as_path` are the one path layer, etils.epath, the
+library Orbax writes checkpoints through. An object store has no rename and
+no append, but it writes an object whole or not at all when it is closed, so
+a remote "atomic write" is a plain write, and `append_text` rewrites the
+object (logs are small: a line per logged step).
 """
 
 from __future__ import annotations
@@ -14,10 +21,15 @@ import math
 import os
 from typing import Any
 
+from etils import epath
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes `data` to `path` atomically (temporary sibling, fsync, rename)."""
     path = os.fspath(path)
+    if not is_local(path):
+        as_path(path).write_bytes(data)  # an object appears whole when its upload completes
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -29,6 +41,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    """False for a URL (gs://, s3://, ...): no flock, rename or append there; True for a local path."""
+    return "://" not in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """The path as an etils.epath.Path, which reads and writes local and gs:// paths alike."""
+    return epath.Path(path)
+
+
+def normalize(path: str | os.PathLike) -> str:
+    """A local path made absolute (~ expanded); a URL unchanged (abspath would mangle gs://)."""
+    path = os.fspath(path)
+    return os.path.abspath(os.path.expanduser(path)) if is_local(path) else path
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Appends `text` to a file: in place locally, by rewriting the object remotely (no append)."""
+    if is_local(path):
+        with open(path, "a") as f:
+            f.write(text)
+        return
+    p = as_path(path)
+    old = p.read_text() if p.exists() else ""
+    p.write_text(old + text)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

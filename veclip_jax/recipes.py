@@ -142,6 +142,7 @@ def paper_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict
     c.log_every = 100
     c.checkpoint_every = 1000
     c.eval_every = 5000
+    c.eval_batch_size = 4096  # divides over every pod's batch shards (up to 4,096 devices)
     c.optim.learning_rate = 5e-4
     c.optim.warmup_steps = 2000
     c.hardware = run.hardware
@@ -164,10 +165,10 @@ def local_variant(run: Run) -> ml_collections.ConfigDict:
     """The run's code path on a CPU: tiny towers, the demo data, a few steps, the same caption mix."""
     c = defaults.get_config("tiny")
     c.batch_size = 16
-    c.total_steps = 4
+    c.total_steps = 3
     c.log_every = 1
-    c.checkpoint_every = 2
-    c.eval_every = 4
+    c.checkpoint_every = 0  # the last step only
+    c.eval_every = 3
     c.eval_batch_size = 64
     c.optim.warmup_steps = 1
     c.data.num_threads = 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import filecmp
 import json
+import logging
 import os
 import shutil
 import socket
@@ -25,6 +26,7 @@ import time
 
 from veclip_jax.config import ConfigError
 from veclip_jax.errors import WorkdirBusyError
+from veclip_jax.fileio import as_path, atomic_write_bytes, is_local
 
 CHECKPOINTS = "checkpoints"
 DAMAGED_CHECKPOINTS = "checkpoints-damaged"  # damaged checkpoints, set aside (never deleted)
@@ -56,6 +58,8 @@ def keep_tokenizer(workdir: str, tokenizer_path: str, *, writer: bool) -> str:
     A resumed run must use the tokenizer the workdir was trained with: a
     different sentencepiece model is refused (ConfigError naming the field).
     """
+    if not is_local(workdir):
+        return _keep_tokenizer_remote(workdir, tokenizer_path, writer=writer)
     os.makedirs(workdir, exist_ok=True)
     is_dir = os.path.isdir(tokenizer_path)
     kept = os.path.join(workdir, TOKENIZER_DIR if is_dir else TOKENIZER_FILE)
@@ -75,6 +79,28 @@ def keep_tokenizer(workdir: str, tokenizer_path: str, *, writer: bool) -> str:
     return kept
 
 
+def _keep_tokenizer_remote(workdir: str, tokenizer_path: str, *, writer: bool) -> str:
+    """keep_tokenizer for a gs:// workdir: the same checks, through epath (no rename: plain copies)."""
+    source = as_path(tokenizer_path)
+    is_dir = source.is_dir()
+    kept = as_path(workdir) / (TOKENIZER_DIR if is_dir else TOKENIZER_FILE)
+    if kept.exists():
+        if not is_dir and kept.read_bytes() != source.read_bytes():
+            raise ConfigError(
+                f"config.data.tokenizer ({tokenizer_path}) differs from the tokenizer this workdir was "
+                f"trained with ({kept}); use a new workdir, or the same tokenizer"
+            )
+    elif writer:
+        if is_dir:
+            kept.mkdir(parents=True, exist_ok=True)
+            for f in source.iterdir():
+                if f.is_file() and not f.name.endswith(".safetensors"):
+                    (kept / f.name).write_bytes(f.read_bytes())
+        else:
+            atomic_write_bytes(kept, source.read_bytes())
+    return os.fspath(kept)
+
+
 class WorkdirLock:
     """The workdir's exclusive lock, held by a running trainer (its writing process).
 
@@ -82,14 +108,32 @@ class WorkdirLock:
     exits or dies (even by kill -9), so a stale lock from a dead process is
     simply taken over. The file records who holds it, for the message a second
     trainer gets: WorkdirBusyError naming the host and pid (exit 2).
+
+    On a remote workdir (gs://) the lock is best-effort: an object store has
+    neither flock nor create-if-absent through epath, and a preempted pod
+    cannot remove its lock, so a lock object left there would block the
+    resume. The holder is written to WORKDIR/.lock and a previous holder is
+    only logged, never refused: one trainer per gs:// workdir is the user's
+    to keep (`launch/tpu.py` runs one job per queued resource).
     """
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, LOCK_FILE)
         self._fd: int | None = None
+        self._remote = not is_local(workdir)
 
     def acquire(self) -> WorkdirLock:
         """Takes the lock, or raises WorkdirBusyError naming the live holder."""
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if self._remote:
+            lock = as_path(self.path)
+            if lock.exists() and lock.read_text().strip():
+                logging.getLogger(__name__).warning(
+                    "%s: last held by %s (not checked on a remote workdir: best-effort lock)",
+                    self.path, lock.read_text().strip())  # fmt: skip
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            lock.write_text(json.dumps(info))
+            return self
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -102,12 +146,14 @@ class WorkdirLock:
                 "finish, stop it, or use another --workdir"
             ) from None
         os.ftruncate(fd, 0)
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.write(fd, json.dumps(info).encode())
         self._fd = fd
         return self
 
     def release(self) -> None:
+        if self._remote:
+            as_path(self.path).write_text("")  # released: the next trainer sees no holder
+            return
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)

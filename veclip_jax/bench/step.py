@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from veclip_jax import defaults
 from veclip_jax.models.clip import build_model, param_count
+from veclip_jax.objectives import make_objective
 from veclip_jax.parallel.mesh import batch_sharding, make_mesh
 from veclip_jax.train.optim import make_optimizer
 from veclip_jax.train.state import init_train_state
@@ -54,8 +55,15 @@ def measure_peak_tflops(dtype: str = "float32", n: int = 2048, reps: int = 5) ->
 
 def step_flops(config, mesh, tx, init, batch) -> float:
     """FLOPs of one step over the whole mesh, counted on the unrolled model."""
-    unrolled = build_model(config.model, unroll=True)
-    step = make_train_step(unrolled, tx, mesh, init.shardings, grad_accum_steps=config.optim.grad_accum_steps)
+    unrolled = build_model(config.model, unroll=True, objective_cfg=config.objective)
+    step = make_train_step(
+        unrolled,
+        tx,
+        mesh,
+        init.shardings,
+        grad_accum_steps=config.optim.grad_accum_steps,
+        objective=make_objective(config.objective),
+    )
     cost = step.lower(init.state, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", 0.0)) * mesh.size
@@ -64,7 +72,7 @@ def step_flops(config, mesh, tx, init, batch) -> float:
 def main(_: list[str]) -> None:
     config = _CONFIG.value or defaults.get_config()
     mesh = make_mesh(config.mesh)
-    model = build_model(config.model)
+    model = build_model(config.model, objective_cfg=config.objective)
     tx = make_optimizer(config.optim, config.total_steps)
 
     start = time.perf_counter()
@@ -83,7 +91,14 @@ def main(_: list[str]) -> None:
         ),
         "tokens": jax.device_put(tokens, batch_sharding(mesh, 2)),
     }
-    step = make_train_step(model, tx, mesh, init.shardings, grad_accum_steps=config.optim.grad_accum_steps)
+    step = make_train_step(
+        model,
+        tx,
+        mesh,
+        init.shardings,
+        grad_accum_steps=config.optim.grad_accum_steps,
+        objective=make_objective(config.objective),
+    )
     start = time.perf_counter()
     compiled = step.lower(init.state, batch).compile()
     compile_s = time.perf_counter() - start

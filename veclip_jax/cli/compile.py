@@ -19,6 +19,7 @@ import dataclasses
 import json
 import sys
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -54,7 +55,8 @@ def main(argv: list[str]) -> None:
         if not config.hardware:
             config.hardware = accelerator.name
         apply_mesh_rules(config)
-        config.data.update(allow_demo=True, sources={}, train_files="")  # compiling reads no data
+        config.data.update(allow_demo=True, train_files="")  # compiling reads no data
+        config.data.sources = ml_collections.ConfigDict()
         devices = aot.topology_devices(topology, accelerator.slices)
         hosts = max(1, accelerator.total_chips // 4)  # 4 chips per TPU VM host
         validate_config(config, num_devices=len(devices), process_count=hosts)

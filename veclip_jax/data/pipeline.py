@@ -73,6 +73,7 @@ from veclip_jax.data import captions, image_ops, records, seeds
 from veclip_jax.data import sources as sources_mod
 from veclip_jax.data.sources import Item, Skipped, SourceSpec
 from veclip_jax.data.tokenizer import HFTokenizer, Tokenizer, is_hf_tokenizer_dir, load_tokenizer
+from veclip_jax.errors import UserError
 
 if TYPE_CHECKING:  # not imported at run time: worker processes unpickle this module
     import ml_collections
@@ -105,8 +106,11 @@ class TooManyBadRecordsError(RuntimeError):
     """More than data.max_bad_fraction of a window of records was skipped."""
 
 
-class InputStateError(ValueError):
-    """A saved input position that this configuration cannot continue from (named in the message)."""
+class InputStateError(UserError, ValueError):
+    """A saved input position that this configuration cannot continue from (the field is named).
+
+    A UserError: the checkpoint is sound, the config differs from the one that saved it.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -599,12 +603,12 @@ class TrainIterator(grain.DatasetIterator):
             # Same workers: worker 0 of the new pipeline takes the residue whose batch is next,
             # so the batches continue exactly as if the run had not stopped.
             base = frontier - (frontier - int(state["next_residue"])) % k
-        skip = frozenset(range(base, frontier + 1)) | frozenset(beyond)
+        skip = frozenset(range(base, frontier)) | frozenset(beyond)
         self.close()
         self._closed = False
         self._it = None
         self._start = {"base": base, "skip": skip}
-        self._consumed = _Consumed(frontier + 1, set(beyond))
+        self._consumed = _Consumed(frontier, set(beyond))
         self._batches = 0
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ the image size, bicubic, centre crop, CLIP mean/std).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -20,6 +21,9 @@ import numpy as np
 
 from veclip_jax.data.image_ops import CLIP_MEAN, CLIP_STD
 from veclip_jax.hf import WEIGHTS
+from veclip_jax.objectives import OBJECTIVE_PARAMS
+
+log = logging.getLogger(__name__)
 
 # --- parameters ---------------------------------------------------------------------------------------
 
@@ -55,10 +59,25 @@ def _to_hf_tensor(path: tuple[str, ...], x: np.ndarray) -> tuple[str, np.ndarray
     raise ValueError(f"no HF name for parameter {'/'.join(path)}")
 
 
+def objective_params(params: Any) -> dict[str, float]:
+    """The training objective's own scalars (`objective/NAME`, e.g. SigLIP's bias), by name."""
+    own = params.get(OBJECTIVE_PARAMS, {}) if isinstance(params, dict) else {}
+    return {"/".join(path): float(np.asarray(x)) for path, x in _flatten(own)}
+
+
 def params_to_hf(params: Any, logit_scale_max: float = 100.0) -> dict[str, np.ndarray]:
-    """Our parameter tree -> a `CLIPModel` state dict (numpy float32, HF layouts)."""
+    """Our parameter tree -> a `CLIPModel` state dict (numpy float32, HF layouts).
+
+    The objective's own parameters (`objective/...`) have no place in CLIPModel:
+    they are dropped, and the log says so. Any other unknown parameter is an error.
+    """
     out: dict[str, np.ndarray] = {}
+    dropped = objective_params(params)
+    if dropped:
+        log.info("export: dropping the objective's own parameters (not in CLIPModel): %s", dropped)
     for path, x in _flatten(params):
+        if path[0] == OBJECTIVE_PARAMS:
+            continue
         if path == ("logit_scale",):
             out["logit_scale"] = np.asarray(min(float(x), math.log(logit_scale_max)), np.float32)
             continue
@@ -162,7 +181,10 @@ def save_hf_directory(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
     try:
-        hf_config(model_cfg).save_pretrained(tmp)
+        cfg = hf_config(model_cfg)
+        if objective_params(params):  # e.g. SigLIP's bias: kept in config.json for who needs the logits
+            cfg.veclip_objective_params = objective_params(params)
+        cfg.save_pretrained(tmp)
         tensors = params_to_hf(params, model_cfg.logit_scale_max)
         safetensors.numpy.save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         tokenizer = hf_tokenizer(tokenizer, model_cfg.text.context_length)

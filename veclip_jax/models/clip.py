@@ -5,6 +5,8 @@ Parameter tree (leading "layers" axis on the scanned blocks):
                 pre_layrnorm, encoder/layers/..., post_layernorm}
   text_model/{embeddings/{token_embedding,position_embedding}, encoder/layers/..., final_layer_norm}
   visual_projection/kernel, text_projection/kernel, logit_scale
+  objective/NAME    scalars owned by the training objective (SigLIP's bias), only when it has
+                    some (veclip_jax/objectives/base.py); not part of HF CLIPModel, dropped on export
 """
 
 from __future__ import annotations
@@ -19,11 +21,22 @@ import jax.numpy as jnp
 from veclip_jax.models.layers import REMAT_POLICIES, TransformerConfig, with_axes
 from veclip_jax.models.text import TextTransformer
 from veclip_jax.models.vit import VisionTransformer
+from veclip_jax.objectives import make_objective
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+class ObjectiveParams(nn.Module):
+    """The objective's own scalar parameters, under `objective/` so export can tell them apart."""
+
+    inits: tuple[tuple[str, float], ...]
+
+    @nn.compact
+    def __call__(self) -> dict[str, jax.Array]:
+        return {name: self.param(name, with_axes(nn.initializers.constant(v)), ()) for name, v in self.inits}
 
 
 class CLIP(nn.Module):
@@ -43,6 +56,8 @@ class CLIP(nn.Module):
     embed_dim: int
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = 100.0
+    # (name, initial value) of the objective's scalar parameters (objective.extra_params).
+    objective_params: tuple[tuple[str, float], ...] = ()
 
     def setup(self) -> None:
         self.vision_model = VisionTransformer(self.vision, self.image_size, self.patch_size)
@@ -52,6 +67,8 @@ class CLIP(nn.Module):
         self.logit_scale = self.param(
             "logit_scale", with_axes(nn.initializers.constant(self.logit_scale_init)), ()
         )
+        if self.objective_params:
+            self.objective = ObjectiveParams(self.objective_params)
 
     def _projection(self, cfg: TransformerConfig) -> nn.Dense:
         return nn.Dense(
@@ -68,16 +85,23 @@ class CLIP(nn.Module):
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         return _l2_normalize(self.text_projection(self.text_model(tokens)))
 
-    def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
-        return {
+    def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "image_embeds": self.encode_image(images),
             "text_embeds": self.encode_text(tokens),
             "logit_scale": jnp.minimum(jnp.exp(self.logit_scale), self.logit_scale_max),
         }
+        if self.objective_params:
+            out["objective"] = self.objective()
+        return out
 
 
-def build_model(model_cfg: Any, *, unroll: bool = False) -> CLIP:
+def build_model(model_cfg: Any, *, unroll: bool = False, objective_cfg: Any = None) -> CLIP:
     """The CLIP module for a config's `model` section (see configs/base.py).
+
+    `objective_cfg` (a config's `objective` section; None = CLIP) adds the
+    objective's own parameters and may set the temperature's initial value
+    (veclip_jax/objectives/base.py).
 
     `unroll` unrolls the layer scans: same parameters and math, slower to
     compile; XLA's cost analysis counts a scanned body once, an unrolled one
@@ -105,6 +129,8 @@ def build_model(model_cfg: Any, *, unroll: bool = False) -> CLIP:
         raise ValueError(
             f"model.vision.image_size={v.image_size} is not a multiple of patch_size={v.patch_size}"
         )
+    objective = make_objective(objective_cfg)
+    scale_init = objective.logit_scale_init
     return CLIP(
         vision=TransformerConfig(v.width, v.layers, v.heads, v.mlp_dim, causal=False, **common),
         text=TransformerConfig(t.width, t.layers, t.heads, t.mlp_dim, causal=True, **common),
@@ -114,8 +140,9 @@ def build_model(model_cfg: Any, *, unroll: bool = False) -> CLIP:
         context_length=t.context_length,
         eos_id=t.eos_id,
         embed_dim=model_cfg.embed_dim,
-        logit_scale_init=model_cfg.logit_scale_init,
+        logit_scale_init=model_cfg.logit_scale_init if scale_init is None else scale_init,
         logit_scale_max=model_cfg.logit_scale_max,
+        objective_params=tuple(objective.extra_params),
     )
 
 

@@ -14,6 +14,7 @@ so the gradient reaches the embeddings of every example.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -98,3 +99,24 @@ def clip_loss(
         return jax.tree.map(lambda x: jax.lax.psum(x, batch_axes), sums)
 
     return _finish(blockwise(img, txt, scale), batch, scale)
+
+
+class ClipObjective:
+    """CLIP's symmetric InfoNCE as an objective: pooled embeddings and the model's logit scale only."""
+
+    name = "clip"
+    needs = ("image_embeds", "text_embeds", "logit_scale")
+    pooled_only = True
+    extra_params: tuple[tuple[str, float], ...] = ()
+    logit_scale_init: float | None = None
+
+    def __eq__(self, other: object) -> bool:  # a static field of the (hashable) model
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __call__(
+        self, outputs: Any, batch: Any, *, mesh: Mesh | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return clip_loss(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"], mesh=mesh)

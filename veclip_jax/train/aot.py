@@ -26,6 +26,7 @@ import numpy as np
 
 from veclip_jax.errors import UserError
 from veclip_jax.models.clip import build_model, param_count
+from veclip_jax.objectives import make_objective
 from veclip_jax.parallel.hardware import Accelerator, devices_per_chip, parse_hardware
 from veclip_jax.parallel.mesh import batch_sharding, make_mesh
 from veclip_jax.parallel.rules import rules_from_config
@@ -146,7 +147,7 @@ def compile_step(
     """Lowers and compiles the real train step of `config` on a mesh of `devices` (compile-only)."""
     mesh = make_mesh(config.mesh, devices)
     rules = rules_from_config(config)
-    model = build_model(config.model)
+    model = build_model(config.model, objective_cfg=config.objective)
     tx = make_optimizer(config.optim, config.total_steps)
     shardings = state_shardings(model, tx, mesh, rules)
     state = abstract_train_state(model, tx, shardings)
@@ -157,7 +158,15 @@ def compile_step(
         "tokens": jax.ShapeDtypeStruct((b, t.context_length), np.int32, sharding=batch_sharding(mesh, 2)),
     }
     k = config.optim.grad_accum_steps
-    step = make_train_step(model, tx, mesh, shardings, grad_accum_steps=k, rules=rules)
+    step = make_train_step(
+        model,
+        tx,
+        mesh,
+        shardings,
+        grad_accum_steps=k,
+        rules=rules,
+        objective=make_objective(config.objective),
+    )
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     seconds = time.perf_counter() - start
@@ -201,7 +210,7 @@ def describe(report: CompiledStep, config: ml_collections.ConfigDict) -> str:
     """The per-chip table compile.py prints."""
     gib = lambda n: f"{n / 2**30:9.3f} GiB"
     images = config.batch_size / report.step_seconds_at_peak
-    millions = param_count(build_model(config.model)) / 1e6
+    millions = param_count(build_model(config.model, objective_cfg=config.objective)) / 1e6
     rows = [
         f"model            {config.model.size}: {millions:.1f}M parameters, {config.model.dtype}, "
         f"remat {config.model.remat}",

@@ -39,7 +39,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from veclip_jax.errors import CheckpointError
+from veclip_jax.errors import CheckpointError, UserError
+from veclip_jax.fileio import normalize
 from veclip_jax.models.clip import abstract_params, build_model
 from veclip_jax.train.state import TrainState
 from veclip_jax.workdir import CHECKPOINTS, DAMAGED_CHECKPOINTS
@@ -65,7 +66,7 @@ class Checkpointer:
     """The run's CheckpointManager: save and restore whole train states with the data iterator."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.expanduser(directory))
+        self.directory = normalize(directory)  # a gs:// directory goes to Orbax (epath) as it is
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -148,6 +149,8 @@ class Checkpointer:
             check_meta(meta, step)
             try:
                 state, meta = self.restore(step, abstract_state, data_iter)
+            except UserError:
+                raise  # a setting that does not match the checkpoint (e.g. the input's layout): not damage
             except Exception as e:
                 damaged.append((step, f"{type(e).__name__}: {_first_line(e)}"))
                 continue

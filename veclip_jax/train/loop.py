@@ -45,9 +45,10 @@ from veclip_jax.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from veclip_jax.eval.encoders import Encoders
 from veclip_jax.eval.evaluator import Evaluator
 from veclip_jax.eval.tasks import EvalContext
-from veclip_jax.fileio import atomic_write_text, json_safe
+from veclip_jax.fileio import atomic_write_text, json_safe, normalize
 from veclip_jax.hf.from_hf import check_same_model, import_params, is_hf_clip_dir
 from veclip_jax.models.clip import CLIP, build_model
+from veclip_jax.objectives import make_objective
 from veclip_jax.parallel.hardware import apply_mesh_rules, check_devices
 from veclip_jax.parallel.mesh import global_batch, make_mesh
 from veclip_jax.parallel.rules import rules_from_config
@@ -101,7 +102,7 @@ def train(
     devices = list(devices if devices is not None else jax.devices())
     _check_config(config, devices)
     rules = rules_from_config(config)
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = normalize(workdir)  # local: absolute; gs://: as it is
     is_writer = jax.process_index() == 0
     total = config.total_steps
 
@@ -122,7 +123,7 @@ def train(
         train_iter = make_train_iterator(config, sources=sources, tokenizer=tokenizer)
 
         # --- model and optimizer -----------------------------------------------------------------
-        model = build_model(config.model)
+        model = build_model(config.model, objective_cfg=config.objective)  # with the objective's params
         tx = make_optimizer(config.optim, total)
         shardings = state_shardings(model, tx, mesh, rules)
 
@@ -143,6 +144,7 @@ def train(
         train_step = make_train_step(
             model, tx, mesh, shardings, grad_accum_steps=config.optim.grad_accum_steps, rules=rules,
             learning_rate_fn=learning_rate_schedule(config.optim, total),
+            objective=make_objective(config.objective),
         )  # fmt: skip
 
         # --- evaluation ----------------------------------------------------------------------------

@@ -20,20 +20,20 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from veclip_jax.fileio import atomic_write_text, json_safe
+from veclip_jax.fileio import append_text, as_path, atomic_write_text, is_local, json_safe
 from veclip_jax.workdir import EVAL_FILE, METRICS_FILE, TENSORBOARD_DIR
 
 
 def _truncate(path: str, last_step: int) -> None:
     """Keeps the lines of `path` whose step is <= last_step (atomically)."""
-    if not os.path.exists(path):
+    if not as_path(path).exists():
         return
-    with open(path) as f:
-        lines = f.readlines()
+    lines = as_path(path).read_text().splitlines(keepends=True)
     keep = []
     for line in lines:
         try:
@@ -46,25 +46,42 @@ def _truncate(path: str, last_step: int) -> None:
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     """The lines of a metrics or eval file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in as_path(path).read_text().splitlines() if line.strip()]
 
 
 class _EventFile:
-    """One TensorBoard event file, written synchronously; purges events after `purge_step` - 1."""
+    """One TensorBoard event file, written synchronously; purges events after `purge_step` - 1.
+
+    A remote logdir (gs://) is written locally and copied up after every flush: tensorboardX's own
+    GCS writer needs google-cloud-storage, which the project does not install.
+    """
 
     def __init__(self, logdir: str, purge_step: int):
         from tensorboardX.event_file_writer import EventsWriter  # no TensorFlow needed
         from tensorboardX.proto.event_pb2 import Event, SessionLog
 
         self._event = Event
+        self._remote = None if is_local(logdir) else as_path(logdir)
+        if self._remote is not None:
+            self._remote.mkdir(parents=True, exist_ok=True)
+            logdir = tempfile.mkdtemp(prefix="veclip-tensorboard-")
         os.makedirs(logdir, exist_ok=True)
+        self._logdir = logdir
         self._writer = EventsWriter(os.path.join(logdir, "events"))
         # What tensorboardX's SummaryWriter(purge_step=...) writes: TensorBoard hides later events.
         self._writer.write_event(Event(step=purge_step, wall_time=time.time(), file_version="brain.Event:2"))
         start = SessionLog(status=SessionLog.START)
         self._writer.write_event(Event(step=purge_step, wall_time=time.time(), session_log=start))
+        self._flush()
+
+    def _flush(self) -> None:
         self._writer.flush()
+        self._upload()
+
+    def _upload(self) -> None:
+        if self._remote is not None:
+            for name in os.listdir(self._logdir):
+                (self._remote / name).write_bytes(as_path(os.path.join(self._logdir, name)).read_bytes())
 
     def scalars(self, prefix: str, step: int, values: dict[str, Any]) -> None:
         from tensorboardX.summary import scalar
@@ -74,10 +91,13 @@ class _EventFile:
                 tag = f"{prefix}/{k}".replace("@", "_at_")  # TensorBoard tags: no "@"
                 event = self._event(summary=scalar(tag, v), step=step, wall_time=time.time())
                 self._writer.write_event(event)
-        self._writer.flush()
+        self._flush()
 
     def close(self) -> None:
         self._writer.close()
+        if self._remote is not None:
+            self._upload()
+            shutil.rmtree(self._logdir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -110,8 +130,7 @@ class MetricsWriter:
 
     def _append(self, path: str, step: int, values: dict[str, Any]) -> None:
         line = {"step": int(step)} | json_safe(values)
-        with open(path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        append_text(path, json.dumps(line) + "\n")
 
     def train(self, step: int, values: dict[str, Any]) -> None:
         if self.enabled:

@@ -13,6 +13,12 @@ This is the "gradient cache" scheme (also open_clip's --accum-freq): memory
 is that of one micro-batch, cost one extra forward pass, and the update equals
 the large-batch update up to float round-off. Averaging micro-batch gradients
 (optax.MultiSteps) would not: each would see only its own negatives.
+
+The loss is the objective's (veclip_jax/objectives/base.py): the step
+differentiates `objective(outputs, batch) -> (loss, metrics)` whatever it
+is. The gradient cache serves objectives that read only the pooled
+embeddings and scalar parameters (`pooled_only`: CLIP, SigLIP); their
+scalars (the temperature, objective/...) get their gradient in step 2.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from veclip_jax.defaults import BATCH_AXES
 from veclip_jax.models.clip import CLIP
-from veclip_jax.objectives.clip import clip_loss
+from veclip_jax.objectives import OBJECTIVE_PARAMS, Objective, make_objective
 from veclip_jax.parallel.mesh import batch_sharding, replicated
 from veclip_jax.parallel.rules import DEFAULT_RULES, LogicalRules
 from veclip_jax.train.state import TrainState
@@ -65,6 +71,7 @@ def make_train_step(
     grad_accum_steps: int = 1,
     rules: LogicalRules = DEFAULT_RULES,
     learning_rate_fn: optax.Schedule | None = None,
+    objective: Objective | None = None,
 ) -> StepFn:
     """Compiles-on-first-call `train_step(state, batch) -> (state, metrics)`.
 
@@ -72,22 +79,32 @@ def make_train_step(
     arrays sharded over data x fsdp. The state is donated: its buffers are
     reused for the new state. Metrics are replicated scalars. A non-finite
     loss or gradient leaves the parameters and optimizer state unchanged and
-    counts the step in `state.nonfinite_steps`.
+    counts the step in `state.nonfinite_steps`. `objective` (default CLIP)
+    gives the loss and metrics; its own parameters must be in the model
+    (`build_model(..., objective_cfg=...)`).
     """
     k = grad_accum_steps
     if k < 1:
         raise ValueError(f"config.optim.grad_accum_steps={k} must be >= 1")
+    objective = make_objective(None) if objective is None else objective
+    if k > 1 and not objective.pooled_only:
+        raise ValueError(
+            f"config.optim.grad_accum_steps={k}: objective {objective.name!r} does not support exact "
+            "gradient accumulation (it needs more than pooled embeddings); use 1"
+        )
+    if tuple(objective.extra_params) != tuple(model.objective_params):
+        raise ValueError(
+            f"objective {objective.name!r} owns parameters {objective.extra_params} but the model was built "
+            f"with {model.objective_params}: build it with build_model(..., objective_cfg=config.objective)"
+        )
     scale_max = model.logit_scale_max
 
-    def apply(params: Any, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
+    def apply(params: Any, images: jax.Array, tokens: jax.Array) -> dict[str, Any]:
         return model.apply({"params": params}, images, tokens)
-
-    def loss_from_outputs(out: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        return clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"], mesh=mesh)
 
     def grads_full_batch(params: Any, batch: Batch) -> tuple[Any, dict[str, jax.Array]]:
         def loss_fn(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-            return loss_from_outputs(apply(p, batch["image"], batch["tokens"]))
+            return objective(apply(p, batch["image"], batch["tokens"]), batch, mesh=mesh)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, metrics
@@ -102,13 +119,20 @@ def make_train_step(
         img_m, txt_m = jax.lax.map(lambda mb: embed(params, mb), micro)
         img, txt = _merge(img_m, mesh), _merge(txt_m, mesh)
 
-        def loss_from_embeds(img, txt, raw_scale):
-            scale = jnp.minimum(jnp.exp(raw_scale), scale_max)
-            return clip_loss(img, txt, scale, mesh=mesh)
+        # The objective's scalars: the model's temperature and its own parameters, as the model
+        # outputs them (models/clip.py), so their gradient comes with the embeddings'.
+        own = params.get(OBJECTIVE_PARAMS, {})
 
-        (_, metrics), (g_img, g_txt, g_scale) = jax.value_and_grad(
-            loss_from_embeds, argnums=(0, 1, 2), has_aux=True
-        )(img, txt, params["logit_scale"])
+        def loss_from_embeds(img, txt, raw_scale, own):
+            scale = jnp.minimum(jnp.exp(raw_scale), scale_max)
+            outputs = {"image_embeds": img, "text_embeds": txt, "logit_scale": scale}
+            if own:
+                outputs[OBJECTIVE_PARAMS] = own
+            return objective(outputs, batch, mesh=mesh)
+
+        (_, metrics), (g_img, g_txt, g_scale, g_own) = jax.value_and_grad(
+            loss_from_embeds, argnums=(0, 1, 2, 3), has_aux=True
+        )(img, txt, params["logit_scale"], own)
         g_img_m, g_txt_m = _split(g_img, k, mesh), _split(g_txt, k, mesh)
 
         def accumulate(acc: Any, xs: tuple) -> tuple[Any, None]:
@@ -120,6 +144,8 @@ def make_train_step(
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, _ = jax.lax.scan(accumulate, zeros, (micro, g_img_m, g_txt_m))
         grads["logit_scale"] = grads["logit_scale"] + g_scale
+        if own:
+            grads[OBJECTIVE_PARAMS] = jax.tree.map(jnp.add, grads[OBJECTIVE_PARAMS], g_own)
         return grads, metrics
 
     compute_grads = grads_full_batch if k == 1 else grads_accumulated
