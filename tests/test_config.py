@@ -12,7 +12,7 @@ import sys
 import ml_collections
 import pytest
 
-from veclip_jax import defaults, recipes
+from veclip_jax import defaults, recipes, recipes_declip
 from veclip_jax.config import ConfigError, check_overrides, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +36,7 @@ def _load(name: str):
 
 
 # Paper configs need their corpus to validate (tests/test_paper_configs.py); their :local variants do not.
-PAPER = sorted(recipes.RUNS)
+PAPER = sorted(recipes.RUNS) + [f"yfcc15m_{o}_vitb32" for o in recipes_declip.RECIPES]
 VALID = [n for n in NAMED if n not in PAPER] + [f"{n}:local" for n in PAPER]
 
 

@@ -53,6 +53,9 @@ FAKE_GCLOUD = textwrap.dedent('''\
             print(s)
             if s == "WAITING_FOR_RESOURCES":
                 write("ACTIVE")  # granted by the next poll
+            if s == "ACTIVE" and os.path.exists(state_file + ".late"):
+                os.remove(state_file + ".late")
+                write("SUSPENDED")  # the preemption shows one poll after ssh dropped
         elif verb == "delete":
             os.remove(state_file)
     elif "ssh" in argv:
@@ -63,6 +66,8 @@ FAKE_GCLOUD = textwrap.dedent('''\
         play = plays[min(n, len(plays)) - 1]
         if play.get("preempt"):
             write("SUSPENDED")
+        if play.get("late_preempt"):
+            open(state_file + ".late", "w").close()
         sys.exit(play["rc"])
 ''')
 
@@ -131,6 +136,11 @@ def test_startup_installs_pinned_project_checks_devices_then_trains():
                      "--workdir=gs://bucket/vecap200m_b16", "--distributed", "--config.hardware=tpu-v5p-256",
                      "--config.total_steps=10"]  # fmt: skip
     assert "torch" not in lines[lines.index(next(x for x in lines if "grep -vE" in x))].split(">")[-1]
+    assert any(line.startswith("pip install -q gcsfs") for line in lines)  # gs:// workdir: epath needs it
+    script = launch_tpu.startup_script(job)
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid bash
+    local = Job(**{**B16, "workdir": "/mnt/run"}, repo="R", commit="C")
+    assert "gcsfs" not in launch_tpu.startup_script(local)
 
 
 def test_check_devices_exit_code():
@@ -195,3 +205,15 @@ def test_launch_script_is_thin():
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("$ gcloud alpha compute tpus queued-resources describe veclip-b16")
+
+
+def test_run_watch_looks_again_when_ssh_drops_before_the_state_changes(fake_gcloud):
+    fake_gcloud.plays({"rc": 255, "late_preempt": True}, {"rc": 0})
+    sleeps: list[float] = []
+    assert launch_tpu.main(["run", *COMMON, "--spot", "--watch", "--poll_s=7"], sleep=sleeps.append) == 0
+    verbs = [_verb(a) for a in fake_gcloud.log()]
+    assert verbs[4:9] == ["ssh", "describe", "describe", "describe", "delete"]  # ACTIVE, then SUSPENDED
+    assert verbs.count("ssh") == 2 and sleeps == [7, 7, 7]
+    fake_gcloud.state.unlink()
+    fake_gcloud.plays({"rc": 0}, {"rc": 0}, {"rc": 255})  # ssh fails on a slice that stays ACTIVE
+    assert launch_tpu.main(["run", *COMMON, "--watch", "--poll_s=0"], sleep=lambda s: None) == 255

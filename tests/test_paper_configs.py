@@ -65,9 +65,9 @@ def test_every_local_variant_trains_on_the_cpu(name, demo_cache, tmp_path):
     "name, devices, mesh, remat",
     [
         ("tpu-v5p-256", 128, dict(data=1, fsdp=-1), "dots"),
-        ("tpu-v5p-1024", 512, dict(data=-1, fsdp=128), "dots"),
-        ("tpu-v5p-256-2", 256, dict(data=-1, fsdp=128), "dots"),
-        ("tpu-v5litepod-256", 256, dict(data=-1, fsdp=128), "full"),
+        ("tpu-v5p-1024", 512, dict(data=-1, fsdp=64), "dots"),
+        ("tpu-v5p-256-2", 256, dict(data=-1, fsdp=64), "dots"),
+        ("tpu-v5litepod-256", 256, dict(data=-1, fsdp=16), "full"),
         ("gpu-h100-32", 32, dict(data=-1, fsdp=8), "dots"),
     ],
 )

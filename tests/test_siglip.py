@@ -12,16 +12,15 @@ from jax.sharding import NamedSharding
 
 from tests.helpers import random_batch, tiny_config, tiny_run_config
 from veclip_jax.config import ConfigError, validate_config
-
 from veclip_jax.hf.to_hf import params_to_hf
 from veclip_jax.models.clip import build_model
 from veclip_jax.objectives import make_objective
 from veclip_jax.objectives.siglip import siglip_loss
 from veclip_jax.parallel.mesh import global_batch, make_mesh
 from veclip_jax.parallel.rules import batch_spec
+from veclip_jax.train.metrics import read_jsonl
 from veclip_jax.train.optim import make_optimizer
 from veclip_jax.train.state import init_train_state
-from veclip_jax.train.metrics import read_jsonl
 from veclip_jax.train.step import make_train_step
 
 MESHES = {
@@ -185,14 +184,22 @@ def test_unknown_objective_is_refused_naming_the_field():
 
 
 def test_objective_without_exact_accumulation_refuses_grad_accum(monkeypatch):
-    from veclip_jax.objectives.siglip import SigLipObjective
+    """An objective that needs more than pooled embeddings (SLIP's views, FILIP's tokens) refuses k > 1."""
+    import dataclasses
 
-    monkeypatch.setattr(SigLipObjective, "pooled_only", False)
+    import veclip_jax.config
+
+    token_level = dataclasses.replace(make_objective(_siglip_config().objective), pooled_only=False)
+    monkeypatch.setattr(veclip_jax.config, "make_objective", lambda cfg: token_level)
     config = _siglip_config(grad_accum_steps=2)
     with pytest.raises(ConfigError, match=r"config\.optim\.grad_accum_steps=2.*'siglip'"):
         validate_config(config, num_devices=8)
     config.optim.grad_accum_steps = 1
     validate_config(config, num_devices=8)
+    # The step refuses too, for callers that skip the config check.
+    model = build_model(config.model, objective_cfg=config.objective)
+    with pytest.raises(ValueError, match="grad_accum_steps=2"):
+        make_train_step(model, None, None, None, grad_accum_steps=2, objective=token_level)
 
 
 def test_export_drops_the_objectives_parameters_and_says_so(one_device, caplog):

@@ -137,6 +137,7 @@ _RANGES: list[Check] = [
     ("mesh.tensor", lambda x: x >= 1 or x == -1, "must be a positive size or -1"),
     ("optim.learning_rate", lambda x: x > 0 and math.isfinite(x), "must be > 0"),
     ("optim.warmup_steps", lambda x: x >= 0, "must be >= 0"),
+    ("optim.warmup_init_lr", lambda x: x >= 0 and math.isfinite(x), "must be >= 0"),
     ("optim.end_lr_ratio", _prob, "must lie in [0, 1]"),
     ("optim.b1", lambda x: 0 <= x < 1, "must lie in [0, 1)"),
     ("optim.b2", lambda x: 0 <= x < 1, "must lie in [0, 1)"),
@@ -205,6 +206,11 @@ def _check_ranges(config: Any) -> None:
             f"config.optim.grad_accum_steps={config.optim.grad_accum_steps}: objective "
             f"{objective.name!r} (config.objective.name) needs more than the pooled embeddings, so the "
             "exact gradient accumulation cannot serve it; use 1 (and a smaller batch or more devices)"
+        )
+    if config.optim.warmup_init_lr > config.optim.learning_rate:
+        raise ConfigError(
+            f"config.optim.warmup_init_lr={config.optim.warmup_init_lr} must be <= the peak "
+            f"config.optim.learning_rate={config.optim.learning_rate}"
         )
     warmup = config.optim.warmup_steps
     if warmup >= config.total_steps:

@@ -43,6 +43,14 @@ MODEL_SIZES: dict[str, dict] = {
         text=dict(vocab_size=32100, context_length=77, width=1024, layers=24, heads=16, mlp_dim=4096),
         embed_dim=1024,
     ),
+    # The DeCLIP toolkit's ViT-B/32 (OBJECTIVES.md A.2): its text tower is CLIP's (12 layers, width
+    # 512, 8 heads, 77 positions). Vocabulary: T5's 32,100 like the others, because the tokenizer we
+    # ship and load is sentencepiece; the toolkit's BPE (49,409 ids) would need its own tokenizer.
+    "B/32": dict(
+        vision=dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_dim=3072),
+        text=dict(vocab_size=32100, context_length=77, width=512, layers=12, heads=8, mlp_dim=2048),
+        embed_dim=512,
+    ),
 }
 
 
@@ -153,6 +161,7 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
         dict(
             learning_rate=5e-4,  # peak
             warmup_steps=20,
+            warmup_init_lr=0.0,  # the learning rate the linear warm-up starts from (DeCLIP's base_lr)
             end_lr_ratio=0.0,  # cosine floor, as a fraction of the peak
             b1=0.9,
             b2=0.98,

@@ -18,3 +18,7 @@ class WorkdirBusyError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read (damaged, missing), named with its path."""
+
+
+class LayoutError(UserError, ValueError):
+    """A mesh shape the devices' physical topology cannot hold."""

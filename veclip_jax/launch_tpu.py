@@ -11,7 +11,8 @@ matching the pinned jax, checks that the devices JAX sees are the accelerator th
 (exit 2 otherwise), then runs `launch/train.py --distributed`. A re-run of the same command resumes
 from the workdir (the trainer resumes from its newest checkpoint), so `run --watch` handles a
 preempted spot pod by deleting the queued resource, re-creating it and re-running the command.
-`--dry_run` prints every command instead of running it.
+`--dry_run` prints every command instead of running it. Run it from a checkout (it reads
+requirements.txt, the config file and the commit from there); the workers clone `--repo`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ WAITING_STATES = frozenset(
     {"CREATING", "ACCEPTED", "PROVISIONING", "WAITING_FOR_RESOURCES", "DELETING", "UNKNOWN"}
 )
 NOT_FOUND = "NOT_FOUND"
+SSH_LOST = 255  # ssh's own exit code: the connection failed or dropped (a VM going down)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Packages of requirements.txt that a TPU VM must not install: torch (export checks only) pulls CUDA.
 _SKIP_ON_TPU = ("torch",)
@@ -166,6 +168,8 @@ def startup_script(job: Job) -> str:
         "pip install -q -r /tmp/veclip-requirements.txt",
         "pip install -q --no-deps -e .",
         f'pip install -q "jax[tpu]=={jax_version}"',
+        *(["pip install -q gcsfs  # etils.epath writes gs:// through fsspec: not in requirements.txt"]
+          if job.workdir.startswith("gs://") else []),  # fmt: skip
         f"python -m veclip_jax.launch_tpu check-devices --hardware={job.hardware}",
         "mkdir -p ~/veclip-logs",
         f"{shlex.join(trainer_command(job))} 2>&1 | tee -a {job.log_file}",
@@ -259,6 +263,9 @@ def run_job(job: Job, runner: Runner, watch: bool, poll_s: float = 60.0, max_res
                 print(f"[veclip-tpu] {job.name}: training finished (exit 0)", flush=True)
             return 0
         after = state(job, runner)
+        if watch and after == "ACTIVE" and rc == SSH_LOST:  # the slice may be on its way down: look again
+            sleep(poll_s)
+            after = state(job, runner)
         if not watch or after == "ACTIVE" or restarts >= max_restarts:
             print(f"[veclip-tpu] {job.name}: the command exited {rc} (slice {after})", file=sys.stderr)
             return rc

@@ -32,8 +32,10 @@ from veclip_jax.eval import registry
 
 # Mesh rules per tower size: (regex over config.hardware, field overrides); first match wins.
 # FSDP over a whole slice up to 128 chips (the sharded widths 768/512, 1024/768, 1280/1024 all
-# divide by 128); beyond, data parallel across groups of 128. On GPUs: FSDP inside a node of 8,
-# data parallel across nodes. Remat keeps matmul outputs ("dots") where HBM allows, else "full".
+# divide by 128); beyond, data parallel across FSDP groups that are whole planes of the torus
+# (8x8 on v4/v5p, a 16-chip row on v5e/v6e: a mesh axis must be a product of physical axes, which
+# make_mesh enforces). On GPUs: FSDP inside a node of 8, data parallel across nodes. Remat keeps
+# matmul outputs ("dots") where HBM allows, else "full". launch/compile.py checks each target.
 _SMALL_SLICE = r"(8|16|32|64|128|256)"  # Cloud's counts up to 128 chips (v4/v5p count 2 per chip)
 
 
@@ -46,9 +48,9 @@ def mesh_rules(size: str) -> tuple:
 
     return (
         (rf"tpu-(v4|v5p)-{_SMALL_SLICE}", rule(1, -1, remat)),
-        (r"tpu-(v4|v5p)-\d+(-\d+)?", rule(-1, 128, remat)),
+        (r"tpu-(v4|v5p)-\d+(-\d+)?", rule(-1, 64, remat)),  # an 8x8 plane of the torus per FSDP group
         (r"tpu-(v5litepod|v6e)-(4|8|16|32|64|128)", rule(1, -1, "full")),  # 16/32 GiB chips
-        (r"tpu-(v5litepod|v6e)-\d+(-\d+)?", rule(-1, 128, "full")),
+        (r"tpu-(v5litepod|v6e)-\d+(-\d+)?", rule(-1, 16, "full")),  # one row of the 16x16 torus
         (r"gpu-h100-\d+", rule(-1, 8, remat)),
     )
 

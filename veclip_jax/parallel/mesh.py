@@ -13,6 +13,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from veclip_jax.defaults import MESH_AXES
+from veclip_jax.errors import LayoutError
 from veclip_jax.parallel.rules import batch_spec
 
 
@@ -64,7 +65,7 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
     except (ValueError, NotImplementedError) as e:
         layout = dict(zip(MESH_AXES, shape, strict=True))
-        raise ValueError(
+        raise LayoutError(
             f"config.mesh={layout}: {len(devices)} {devices[0].device_kind} devices cannot be laid out in "
             f"this shape along their physical links ({e}); choose axis sizes that follow the topology"
         ) from e

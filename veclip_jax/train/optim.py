@@ -19,16 +19,18 @@ NO_DECAY = ("bias", "scale", "class_embedding", "position_embedding", "logit_sca
 
 
 def learning_rate_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to the peak over `warmup_steps`, then cosine to `end_lr_ratio * peak`.
+    """Linear warmup from `warmup_init_lr` (default 0) to the peak over `warmup_steps`, then cosine
+    to `end_lr_ratio * peak`.
 
-    The cosine reaches its floor at `total_steps` and stays there.
+    The cosine reaches its floor at `total_steps` and stays there. A non-zero
+    warm-up start is the DeCLIP toolkit's `base_lr` (its recipes warm up from 1e-4).
     """
     peak = optim_cfg.learning_rate
     warmup = optim_cfg.warmup_steps
     if not 0 <= warmup < total_steps:
         raise ValueError(f"config.optim.warmup_steps={warmup} must lie in [0, total_steps={total_steps})")
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
+        init_value=float(optim_cfg.get("warmup_init_lr", 0.0)),
         peak_value=peak,
         warmup_steps=warmup,
         decay_steps=total_steps,

@@ -1,0 +1,71 @@
+"""The DeCLIP toolkit's YFCC-15M configs: the recipe's numbers, the warm-up start, the :local variants."""
+
+import importlib
+
+import numpy as np
+import pytest
+
+from veclip_jax import recipes_declip
+from veclip_jax.config import ConfigError, validate_config
+from veclip_jax.train.optim import learning_rate_schedule
+
+OBJECTIVES = sorted(recipes_declip.RECIPES)
+
+
+def _config(objective: str, arg: str | None = None):
+    module = importlib.import_module(f"configs.yfcc15m_{objective}_vitb32")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_the_toolkit_recipe(objective):
+    c = _config(objective)
+    assert c.objective.name == objective
+    assert (c.model.size, c.model.vision.patch_size, c.model.vision.image_size) == ("B/32", 32, 224)
+    assert (c.model.text.layers, c.model.text.width, c.model.text.heads, c.model.embed_dim) == (
+        12,
+        512,
+        8,
+        512,
+    )
+    assert (c.batch_size, c.total_steps, c.optim.warmup_steps) == (4096, 128_001, 2500)
+    assert (c.optim.b1, c.optim.b2, c.optim.eps, c.optim.warmup_init_lr) == (0.9, 0.98, 1e-8, 1e-4)
+    assert tuple(c.data.crop_scale) == (0.5, 1.0) and c.data.vecap_prob == 0.0
+    peak, wd = {"clip": (5e-4, 0.5), "siglip": (1e-3, 0.1)}[objective]
+    assert (c.optim.learning_rate, c.optim.weight_decay) == (peak, wd)
+
+
+def test_the_docstrings_state_the_reported_result_and_the_recipe_source():
+    clip = importlib.import_module("configs.yfcc15m_clip_vitb32").__doc__
+    assert "32.8" in clip and recipes_declip.reported_imagenet("clip") == 32.8
+    siglip = importlib.import_module("configs.yfcc15m_siglip_vitb32").__doc__
+    assert "Recipe source" in siglip and "adapted" in siglip
+    assert recipes_declip.reported_imagenet("siglip") is None
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_without_its_corpus_the_config_is_refused_and_with_it_is_valid(objective):
+    c = _config(objective)
+    with pytest.raises(ConfigError, match="data"):
+        validate_config(c, num_devices=8)
+    c.data.train_files = "/data/yfcc15m/train-*.array_record"
+    c.data.tokenizer = "/data/t5/spiece.model"
+    validate_config(c, num_devices=8)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_local_variant_keeps_the_objective_on_the_demo_data(objective):
+    c = _config(objective, "local")
+    validate_config(c, num_devices=8)
+    assert c.objective.name == objective and c.model.size == "tiny" and c.data.allow_demo
+
+
+def test_warm_up_starts_from_warmup_init_lr():
+    c = _config("clip")
+    lr = learning_rate_schedule(c.optim, c.total_steps)
+    np.testing.assert_allclose(
+        [lr(0), lr(1250), lr(2500)], [1e-4, 1e-4 + 0.5 * (5e-4 - 1e-4), 5e-4], rtol=1e-5
+    )
+    c.optim.warmup_init_lr = 1e-3  # above the peak of 5e-4
+    with pytest.raises(ConfigError, match=r"config\.optim\.warmup_init_lr=0\.001"):
+        validate_config(c, num_devices=8)
