@@ -206,7 +206,8 @@ def test_export_drops_the_objectives_parameters_and_says_so(one_device, caplog):
     params = one_device[0]
     with caplog.at_level(logging.INFO, logger="veclip_jax.hf.to_hf"):
         tensors = params_to_hf(params)
-    assert not any("objective" in k or "bias" == k for k in tensors)
+    clip_only = {k: v for k, v in params.items() if k != "objective"}
+    assert sorted(tensors) == sorted(params_to_hf(clip_only))  # exactly CLIP's tensors, the bias dropped
     assert "logit_scale" in tensors
     assert "dropping the objective's own parameters" in caplog.text and "bias" in caplog.text
     with pytest.raises(ValueError, match="no HF name"):  # anything else unknown still refuses
@@ -223,3 +224,10 @@ def test_siglip_loss_falls_on_the_demo_data(demo_cache, tmp_path):
     losses = [m["loss"] for m in lines]
     assert "logit_bias" in lines[-1]  # the loop logs the objective's metrics by name
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+    # The trained checkpoint loads for inference and export, objective parameters included.
+    from veclip_jax.train.checkpoint import load_trained_params
+
+    trained = load_trained_params(str(tmp_path))
+    assert float(trained.params["objective"]["bias"]) != -10.0
+    clip_only = {k: v for k, v in trained.params.items() if k != "objective"}
+    assert sorted(params_to_hf(trained.params)) == sorted(params_to_hf(clip_only))

@@ -208,10 +208,12 @@ def save_hf_directory(
 
 
 def _looks_like_export(path: str) -> bool:
-    """A directory holding a HF CLIP config and weights, and no training state of ours."""
+    """An empty directory, or one holding a HF CLIP config and weights and no training state of ours."""
     from veclip_jax.hf.from_hf import is_hf_clip_dir
     from veclip_jax.workdir import CHECKPOINTS
 
+    if os.path.isdir(path) and not os.listdir(path):
+        return True  # nothing to lose
     try:
         return (
             is_hf_clip_dir(path)
@@ -241,8 +243,8 @@ def check_output(out: str, *, force: bool, source: str | None = None) -> None:
         if not force:
             raise UserError(f"{out} exists: pass --force to replace an earlier export there")
         if not _looks_like_export(out):
-            raise UserError(f"{out} exists and is not an earlier export (config.json + {WEIGHTS}, no "
-                            "checkpoints): refusing to replace it, even with --force")  # fmt: skip
+            raise UserError(f"{out} is not an earlier export (nor empty): it lacks config.json + {WEIGHTS} "
+                            "or holds checkpoints; refusing to replace it, even with --force")  # fmt: skip
 
 
 def _run_root(checkpoint: str) -> str:

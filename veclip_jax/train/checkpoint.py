@@ -314,7 +314,10 @@ def load_trained_params(path: str, step: int | None = None) -> TrainedParams:
     meta = read_metadata(path, step)
     model_cfg = ml_collections.ConfigDict(meta["config"]["model"])
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shapes = abstract_params(build_model(model_cfg))
+    # The objective's own parameters (SigLIP's bias) are part of the saved tree: build them too.
+    objective = meta["config"].get("objective")
+    objective_cfg = ml_collections.ConfigDict(objective) if objective else None
+    shapes = abstract_params(build_model(model_cfg, objective_cfg=objective_cfg))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
     params, meta = restore_params(path, abstract, step=meta["step"])
     return TrainedParams(model_cfg, params, meta["checkpoint"])

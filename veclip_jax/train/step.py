@@ -145,7 +145,7 @@ def make_train_step(
         grads, _ = jax.lax.scan(accumulate, zeros, (micro, g_img_m, g_txt_m))
         grads["logit_scale"] = grads["logit_scale"] + g_scale
         if own:
-            pass
+            grads[OBJECTIVE_PARAMS] = jax.tree.map(jnp.add, grads[OBJECTIVE_PARAMS], g_own)
         return grads, metrics
 
     compute_grads = grads_full_batch if k == 1 else grads_accumulated
