@@ -22,7 +22,7 @@ import veclip_jax
 from tests.helpers import TINY_RUN_STEPS, tiny_run_config
 from veclip_jax.data import captions, demo, image_ops, records
 from veclip_jax.train import loop
-from veclip_jax.train.checkpoint import Checkpointer, restore_params
+from veclip_jax.train.checkpoint import Checkpointer, CheckpointSaveError, restore_params
 from veclip_jax.train.metrics import MetricsWriter, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -256,7 +256,7 @@ def test_failed_save_keeps_the_last_good_checkpoint(demo_cache, tmp_path, monkey
         return await original(self, *args, **kwargs)
 
     monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", fail_second_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointSaveError, match=r"step 8 .*disk full \(simulated\).*intact: step 4"):
         loop.train(_config(demo_cache, eval_every=0), str(tmp_path))
     monkeypatch.undo()
     ckpt = Checkpointer(str(tmp_path / "checkpoints"))
