@@ -13,17 +13,32 @@ the 512 held-out images: zero-shot top-1 per attribute (colour, shape, size,
 position, background) with the prompt templates of veclip_jax/defaults.py,
 and image<->text retrieval with their VeCap captions. The README's demo table
 gives the measured numbers and the time (about 4 minutes of training on 2 cores).
+
+The arg may instead name an objective (`siglip`, `slip`, `declip`, `filip`,
+`defilip`): the same run (mixed captions, steps, data, seed) with that
+objective, its heads scaled to the tiny towers (veclip_jax/recipes_declip.py
+TINY_HEADS); the README's objectives table.
 """
 
 from veclip_jax import defaults
+from veclip_jax.recipes_declip import tiny_objective
 
 VECAP_PROB = {"mixed": 0.5, "alttext": 0.0, "vecap": 1.0}
+OBJECTIVES = ("siglip", "slip", "declip", "filip", "defilip")
 
 
 def get_config(mix: str = "mixed"):
+    objective = mix if mix in OBJECTIVES else None
+    if objective:
+        mix = "mixed"
     if mix not in VECAP_PROB:
-        raise ValueError(f"configs/demo.py:{mix}: the mix is one of {sorted(VECAP_PROB)}")
+        raise ValueError(
+            f"configs/demo.py:{mix}: the arg is a mix, one of {sorted(VECAP_PROB)}, or an objective, "
+            f"one of {list(OBJECTIVES)}"
+        )
     c = defaults.get_config("tiny")
+    if objective:
+        tiny_objective(c, objective)
     c.batch_size = 64
     c.total_steps = 2000
     c.log_every = 100

@@ -22,22 +22,55 @@ def test_the_toolkit_recipe(objective):
     c = _config(objective)
     assert c.objective.name == objective
     assert (c.model.size, c.model.vision.patch_size, c.model.vision.image_size) == ("B/32", 32, 224)
+    embed = 768 if objective == "filip" else 512  # the toolkit's FILIP config: embed_dim 768
     assert (c.model.text.layers, c.model.text.width, c.model.text.heads, c.model.embed_dim) == (
         12,
         512,
         8,
-        512,
+        embed,
     )
     assert (c.batch_size, c.total_steps, c.optim.warmup_steps) == (4096, 128_001, 2500)
     assert (c.optim.b1, c.optim.b2, c.optim.eps, c.optim.warmup_init_lr) == (0.9, 0.98, 1e-8, 1e-4)
     assert tuple(c.data.crop_scale) == (0.5, 1.0) and c.data.vecap_prob == 0.0
-    peak, wd = {"clip": (5e-4, 0.5), "siglip": (1e-3, 0.1)}[objective]
+    # The toolkit's optimizers (OBJECTIVES.md A.3-A.6); SigLIP borrows DeCLIP's.
+    peak, wd = {
+        "clip": (5e-4, 0.5),
+        "siglip": (1e-3, 0.1),
+        "slip": (5e-4, 0.5),
+        "declip": (1e-3, 0.1),
+        "filip": (5e-4, 0.5),
+        "defilip": (1e-3, 0.1),
+    }[objective]
     assert (c.optim.learning_rate, c.optim.weight_decay) == (peak, wd)
+    # The views each objective reads, and the toolkit's MoCoV2 augmentation for them.
+    views = {"slip": 2, "declip": 2, "filip": 1, "defilip": 2}.get(objective)
+    if views:
+        a = c.data.augment
+        assert a.views == views and tuple(a.view_crop_scale) == (0.2, 1.0)
+        assert tuple(a.color_jitter) == (0.4, 0.4, 0.4, 0.1) and a.color_jitter_prob == 0.8
+        assert (a.grayscale_prob, a.blur_prob, a.flip_prob) == (0.2, 0.5, 0.5)
+        assert tuple(a.blur_sigma) == (0.1, 2.0)
+    if objective in ("declip", "defilip"):
+        o = c.objective[objective]
+        assert (o.clip_weight, o.simsiam_weight, o.mlm_weight, o.nn_weight) == (0.4, 0.2, 0.2, 0.2)
+        assert o.queue_size == 65_536 and c.data.augment.mlm_prob == 0.15
+    if objective == "defilip":
+        assert c.objective.defilip.filip_weight == 0.2
+    if objective in ("filip", "defilip"):
+        assert (c.objective[objective].top_k, c.objective[objective].token_dim) == (16, 256)
+    if objective == "filip":
+        assert (c.objective.filip.dense_weight, c.objective.filip.clip_weight) == (1.0, 0.0)
+    if objective == "slip":
+        o = c.objective.slip
+        assert (o.clip_weight, o.ssl_weight, o.ssl_temperature) == (1.0, 1.0, 0.1)
+        assert (o.mlp_dim, o.ssl_dim) == (4096, 256)
 
 
 def test_the_docstrings_state_the_reported_result_and_the_recipe_source():
-    clip = importlib.import_module("configs.yfcc15m_clip_vitb32").__doc__
-    assert "32.8" in clip and recipes_declip.reported_imagenet("clip") == 32.8
+    reported = {"clip": 32.8, "slip": 34.3, "filip": 39.5, "declip": 43.2, "defilip": 45.0}  # A.7
+    for objective, top1 in reported.items():
+        doc = importlib.import_module(f"configs.yfcc15m_{objective}_vitb32").__doc__
+        assert f"{top1}" in doc and recipes_declip.reported_imagenet(objective) == top1
     siglip = importlib.import_module("configs.yfcc15m_siglip_vitb32").__doc__
     assert "Recipe source" in siglip and "adapted" in siglip
     assert recipes_declip.reported_imagenet("siglip") is None

@@ -155,7 +155,7 @@ def test_siglip_owns_bias_and_temperature_init_in_the_params_tree():
     assert float(params["objective"]["bias"]) == -10.0
     np.testing.assert_allclose(params["logit_scale"], math.log(10.0), rtol=1e-6)
     clip = build_model(tiny_config().model)  # CLIP: no objective/ entry, the usual temperature
-    assert clip.objective_params == ()
+    assert clip.objective_spec.heads(clip.dims) is None
 
 
 @pytest.mark.parametrize("name", ["data2_fsdp4", "data2_fsdp2_tensor2"])

@@ -124,6 +124,7 @@ _RANGES: list[Check] = [
     ("model.text.mlp_dim", _positive, "must be >= 1"),
     ("model.text.pad_id", lambda x: x >= 0, "must be >= 0"),
     ("model.text.eos_id", lambda x: x >= 0, "must be >= 0"),
+    ("model.text.mask_id", lambda x: x >= -1, "must be an id >= 0, or -1 (the id past the tokenizer's)"),
     ("model.embed_dim", _positive, "must be >= 1"),
     ("model.act", lambda x: x in ("quick_gelu", "gelu"), "must be 'quick_gelu' or 'gelu'"),
     ("model.layer_norm_eps", lambda x: x > 0, "must be > 0"),
@@ -154,10 +155,22 @@ _RANGES: list[Check] = [
     ("data.num_workers", lambda x: x >= 0, "must be >= 0"),
     ("data.num_threads", _positive, "must be >= 1"),
     ("data.prefetch", _positive, "must be >= 1"),
+    ("data.augment.views", lambda x: x in (1, 2), "must be 1 or 2"),
+    ("data.augment.view_crop_scale", _range_pair(0.0, 1.0), "must be (low, high) with 0 < low <= high <= 1"),
+    (
+        "data.augment.color_jitter",
+        lambda v: len(v) == 4 and min(v) >= 0 and v[3] <= 0.5,
+        "must be (brightness, contrast, saturation, hue), each >= 0, hue <= 0.5",
+    ),
+    ("data.augment.color_jitter_prob", _prob, "a probability must lie in [0, 1]"),
+    ("data.augment.grayscale_prob", _prob, "a probability must lie in [0, 1]"),
+    ("data.augment.blur_prob", _prob, "a probability must lie in [0, 1]"),
+    ("data.augment.blur_sigma", _range_pair(0.0, math.inf), "must be (low, high) with 0 < low <= high"),
+    ("data.augment.flip_prob", _prob, "a probability must lie in [0, 1]"),
+    ("data.augment.eda_alpha", _prob, "a fraction of words must lie in [0, 1]"),
+    ("data.augment.mlm_prob", _prob, "a probability must lie in [0, 1]"),
     ("eval_batch_size", _positive, "must be >= 1"),
     ("objective.name", lambda x: x in OBJECTIVES, f"must be one of {', '.join(map(repr, OBJECTIVES))}"),
-    ("objective.siglip.temperature_init", math.isfinite, "must be finite"),
-    ("objective.siglip.bias_init", math.isfinite, "must be finite"),
 ]
 
 
@@ -186,11 +199,16 @@ def _check_ranges(config: Any) -> None:
             f"config.model.vision.image_size={m.vision.image_size} is not a multiple of "
             f"patch_size={m.vision.patch_size}"
         )
-    for name in ("pad_id", "eos_id"):
+    for name in ("pad_id", "eos_id", "mask_id"):
         if m.text[name] >= m.text.vocab_size:
             raise ConfigError(
                 f"config.model.text.{name}={m.text[name]} is outside vocab_size={m.text.vocab_size}"
             )
+    if m.text.mask_id in (m.text.pad_id, m.text.eos_id):
+        raise ConfigError(
+            f"config.model.text.mask_id={m.text.mask_id} is the padding or end-of-text id: give masking its "
+            "own id, or -1 (the first id past the tokenizer's)"
+        )
     _check_sources(config.data)
     if (config.data.train_files or config.data.sources) and not config.data.tokenizer:
         raise ConfigError(
@@ -200,7 +218,15 @@ def _check_ranges(config: Any) -> None:
             "the demo tokenizer knows only the demo captions. Train one with "
             "`python -m veclip_jax.data.tokenizer --input=SHARDS --out=spiece.model`"
         )
-    objective = make_objective(config.objective)
+    try:
+        objective = make_objective(config.objective)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    if objective.views and config.data.augment.views != objective.views:
+        raise ConfigError(
+            f"config.data.augment.views={config.data.augment.views}: objective {objective.name!r} reads "
+            f"{objective.views} augmented view(s) of each image; set it to {objective.views}"
+        )
     if config.optim.grad_accum_steps > 1 and not objective.pooled_only:
         raise ConfigError(
             f"config.optim.grad_accum_steps={config.optim.grad_accum_steps}: objective "

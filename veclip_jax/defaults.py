@@ -63,7 +63,10 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
         dict(
             size=size,  # informative only; the fields below are what is built
             vision=dict(s["vision"]),
-            text=dict(s["text"], pad_id=0, eos_id=1),  # T5 sentencepiece convention
+            # pad 0, end-of-text 1: T5 sentencepiece convention. mask_id: the id that masked-language
+            # modelling (DeCLIP's "tokens_mlm") puts in place of a token; -1 = the first id past the
+            # tokenizer's pieces (its vocab_size), which must still be < vocab_size.
+            text=dict(s["text"], pad_id=0, eos_id=1, mask_id=-1),
             embed_dim=s["embed_dim"],
             act="quick_gelu",  # "quick_gelu" (OpenAI CLIP, VeCLIP) or "gelu" (exact erf)
             layer_norm_eps=1e-5,  # HF CLIP's; flax's own default is 1e-6
@@ -85,12 +88,14 @@ BATCH_AXES = ("data", "fsdp")
 # Logical axis name -> mesh axes (None: not split). Models only name axes; this decides
 # (veclip_jax/parallel/rules.py). The default:
 # - batch: the examples, over data x fsdp (every device holds a slice; fixed: the loss relies on it).
+# - queue: the rows of DeCLIP's text queue, like the examples.
 # - embed: the width of *parameters* (so of optimizer state) over fsdp; XLA gathers a layer's
 #   weights when it needs them (ZeRO-3).
 # - heads, mlp, vocab: over tensor (Megatron-style splits); act_mlp follows its weights.
 # - act_embed: the width of *activations*, whole, so a batch sharded over fsdp is not re-split.
 SHARDING_RULES = (
     ("batch", BATCH_AXES),
+    ("queue", BATCH_AXES),  # the rows of an objective's queue (DeCLIP's text embeddings)
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
@@ -173,14 +178,53 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
     )
 
     # The training objective (veclip_jax/objectives/): what the train step differentiates.
-    # name: "clip" (symmetric InfoNCE) or "siglip" (pairwise sigmoid loss, Zhai et al. 2023).
-    # Each objective's own fields sit in its sub-section; only the chosen one's are read.
+    # name: "clip" (symmetric InfoNCE), "siglip" (pairwise sigmoid loss, Zhai et al. 2023),
+    # "slip", "declip", "filip", "defilip" (the DeCLIP toolkit's, shared/spec/OBJECTIVES.md).
+    # Each objective's own fields sit in its sub-section (the defaults are the toolkit's YFCC-15M
+    # ViT-B/32 settings); only the chosen one's are read. Objectives with image views take
+    # data.augment.views of them (SLIP, DeCLIP, DeFILIP: 2; FILIP: 1).
     c.objective = ml_collections.ConfigDict(
         dict(
             name="clip",
             siglip=dict(
                 temperature_init=math.log(10.0),  # t' (t = exp t'), replaces model.logit_scale_init
                 bias_init=-10.0,  # b, the learned bias, params["objective"]["bias"]
+            ),
+            slip=dict(
+                clip_weight=1.0,  # CLIP on the standard crop (data.crop_scale)
+                ssl_weight=1.0,  # SimCLR (NT-Xent) on the two views
+                ssl_temperature=0.1,
+                mlp_dim=4096,  # SimCLR MLP on the pre-projection class token: width -> 4096 -> 4096 -> 256
+                ssl_dim=256,
+            ),
+            declip=dict(
+                clip_weight=0.4,  # 2 views x {caption, EDA caption} symmetric InfoNCE, averaged
+                simsiam_weight=0.2,  # SimSiam between the two views
+                mlm_weight=0.2,  # masked-token prediction on the caption (data.augment.mlm_prob)
+                nn_weight=0.2,  # each view against the queue neighbours of both captions
+                queue_size=65_536,  # text embeddings in the FIFO queue (one queue for the job)
+                proj_dim=1024,  # SimSiam projector widths (3 layers)
+                pred_dim=512,  # SimSiam predictor hidden width
+            ),
+            filip=dict(
+                dense_weight=1.0,  # token-wise late-interaction InfoNCE
+                clip_weight=0.0,  # the pooled CLIP loss (the toolkit's FILIP: 0, logged only)
+                top_k=16,  # tokens each pair keeps for the others (image patches, text positions)
+                token_dim=256,  # the shared token space
+                dense_scale_init=math.log(1 / 0.07),  # FILIP's own temperature (not clipped)
+            ),
+            defilip=dict(
+                clip_weight=0.4,
+                simsiam_weight=0.2,
+                mlm_weight=0.2,
+                nn_weight=0.2,
+                filip_weight=0.2,  # FILIP's term between view 1 and the masked caption
+                queue_size=65_536,
+                proj_dim=1024,
+                pred_dim=512,
+                top_k=16,
+                token_dim=256,
+                dense_scale_init=math.log(1 / 0.07),
             ),
         )
     )
@@ -208,6 +252,21 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
             # SOURCE_FIELDS (below), e.g. {"dfn": dict(files="/data/dfn/*.tar", weight=0.5), ...}
             sources=ml_collections.ConfigDict(),
             shuffle_buffer=1000,  # tar/Parquet sources: samples per shuffle window of each reader
+            # The extra inputs of the SLIP / DeCLIP / FILIP objectives, made only when the objective
+            # asks for them (data/augment.py, data/text_augment.py). Defaults: MoCo v2's views and
+            # DeCLIP's EDA and masking, as in the DeCLIP toolkit.
+            augment=dict(
+                views=2,  # "views": augmented views per image, 1 or 2
+                view_crop_scale=(0.2, 1.0),  # a view's RandomResizedCrop area range (aspect: crop_ratio)
+                color_jitter=(0.4, 0.4, 0.4, 0.1),  # brightness, contrast, saturation, hue (torchvision)
+                color_jitter_prob=0.8,  # P(a view is colour-jittered)
+                grayscale_prob=0.2,  # P(a view is turned to gray)
+                blur_prob=0.5,  # P(a view is blurred)
+                blur_sigma=(0.1, 2.0),  # Gaussian blur sigma range, in output pixels
+                flip_prob=0.5,  # P(a view is mirrored left-right)
+                eda_alpha=0.1,  # "tokens_eda": fraction of a caption's words one EDA operation changes (>= 1)
+                mlm_prob=0.15,  # "tokens_mlm": P(a caption token is selected for masking)
+            ),
         )
     )
 

@@ -1,6 +1,6 @@
 """The DeCLIP toolkit's YFCC-15M recipe (shared/spec/OBJECTIVES.md, part A) as configs, per objective.
 
-`configs/yfcc15m_{clip,siglip}_vitb32.py` call `declip_config(objective, arg)`.
+`configs/yfcc15m_{clip,siglip,slip,declip,filip,defilip}_vitb32.py` call `declip_config(objective, arg)`.
 What the toolkit's configs set, and we copy (OBJECTIVES.md A.2, A.3):
 
 - towers: ViT-B/32 at 224 px and CLIP's text transformer (12 layers, width
@@ -23,6 +23,20 @@ Per objective:
   (wd 0.1, peak 1e-3, same warm-up, steps and batch) with the SigLIP paper's
   loss (temperature init log 10, bias init -10) — the paper's settings adapted
   to this recipe, not a recipe anybody has reported a YFCC-15M number for.
+- SLIP (A.4): wd 0.5, peak 5e-4; CLIP on the standard crop + 1.0 x SimCLR
+  (temperature 0.1, MLP 768 -> 4096 -> 4096 -> 256) on two MoCoV2 views
+  (RRC 0.2-1, colour jitter 0.4/0.4/0.4/0.1 p 0.8, grey p 0.2, blur p 0.5,
+  flip). Reported 34.3.
+- DeCLIP (A.3): wd 0.1, peak 1e-3; two MoCoV2 views only; 0.4 multi-view
+  CLIP + 0.2 SimSiam + 0.2 MLM (15 % of tokens) + 0.2 nearest-neighbour
+  (queue of 65,536 text embeddings). Reported 43.2.
+- FILIP (A.5): wd 0.5, peak 5e-4; view 1 of the MoCoV2 transform; the
+  token-wise loss only (pooled CLIP weight 0), top-16 tokens, 256-d token
+  space; joint embedding 768 (the toolkit's `embed_dim: 768`). Reported 39.5.
+  Not copied: the toolkit trains FILIP on MLM-masked captions although the
+  MLM weight is 0 (`text_mask_type: MLM`, a side effect, A.5).
+- DeFILIP (A.6): DeCLIP's recipe + 0.2 x FILIP (view 1, masked caption).
+  Reported 45.0.
 
 Not copied: the toolkit's ImageNet mean/std normalisation (ours is CLIP's), its
 clamp of the log-temperature to [3, 6] before each step, and its loss-spike
@@ -49,7 +63,20 @@ WARMUP_INIT_LR = 1e-4  # the toolkit's base_lr
 RECIPES: dict[str, tuple[float, float, float | None]] = {
     "clip": (5e-4, 0.5, 32.8),
     "siglip": (1e-3, 0.1, None),
+    "slip": (5e-4, 0.5, 34.3),
+    "declip": (1e-3, 0.1, 43.2),
+    "filip": (5e-4, 0.5, 39.5),
+    "defilip": (1e-3, 0.1, 45.0),
 }
+# objective -> augmented views per image (data.augment.views); the others read the standard crop only.
+VIEWS = {"slip": 2, "declip": 2, "filip": 1, "defilip": 2}
+
+
+def _objective_fields(c: ml_collections.ConfigDict, objective: str) -> None:
+    """What the objective changes in a config beyond the optimizer: its views (and FILIP's embedding)."""
+    c.objective.name = objective
+    if objective in VIEWS:
+        c.data.augment.views = VIEWS[objective]
 
 
 def declip_config(objective: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -60,7 +87,9 @@ def declip_config(objective: str, arg: str | None = None) -> ml_collections.Conf
     if arg == "local":
         return local_variant(objective)
     c = defaults.get_config("B/32")
-    c.objective.name = objective
+    _objective_fields(c, objective)
+    if objective == "filip":
+        c.model.embed_dim = 768  # the toolkit's FILIP config (embed_dim: 768)
     c.batch_size = BATCH_SIZE
     c.total_steps = TOTAL_STEPS
     c.log_every = 100
@@ -86,11 +115,29 @@ def declip_config(objective: str, arg: str | None = None) -> ml_collections.Conf
     return c
 
 
+# The objectives' heads and queue scaled to the tiny towers (width 64, 16 patches, 32 tokens), for
+# the :local variants and the demo (configs/demo.py:OBJECTIVE): the toolkit's sizes (defaults.py)
+# are made for ViT-B/32, and a 4,096-wide MLP would dwarf the tiny towers.
+TINY_HEADS: dict[str, dict[str, int]] = {
+    "slip": dict(mlp_dim=256, ssl_dim=64),
+    "declip": dict(proj_dim=128, pred_dim=64, queue_size=4096),
+    "filip": dict(token_dim=32, top_k=5),
+    "defilip": dict(proj_dim=128, pred_dim=64, queue_size=4096, token_dim=32, top_k=5),
+}
+
+
+def tiny_objective(c: ml_collections.ConfigDict, objective: str) -> None:
+    """Sets `objective` on a tiny-tower config: its views and its heads at TINY_HEADS' sizes."""
+    _objective_fields(c, objective)
+    if objective in TINY_HEADS:
+        c.objective[objective].update(TINY_HEADS[objective])
+
+
 def local_variant(objective: str) -> ml_collections.ConfigDict:
     """The objective's code path on a CPU: tiny towers, the demo data's AltTexts, a few steps."""
     peak, weight_decay, _ = RECIPES[objective]
     c = defaults.get_config("tiny")
-    c.objective.name = objective
+    tiny_objective(c, objective)
     c.batch_size = 16
     c.total_steps = 3
     c.log_every = 1

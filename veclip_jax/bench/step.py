@@ -23,7 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from veclip_jax import defaults
-from veclip_jax.models.clip import build_model, param_count
+from veclip_jax.models.clip import CLIP, build_model, input_shapes, param_count
 from veclip_jax.objectives import make_objective
 from veclip_jax.parallel.mesh import batch_sharding, make_mesh
 from veclip_jax.train.optim import make_optimizer
@@ -69,6 +69,22 @@ def step_flops(config, mesh, tx, init, batch) -> float:
     return float(cost.get("flops", 0.0)) * mesh.size
 
 
+def synthetic_batch(model: CLIP, batch: int, eos_id: int) -> dict[str, np.ndarray]:
+    """Random inputs of every kind the model's objective reads (models/clip.py input_shapes)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for k, (shape, dtype) in input_shapes(model, batch).items():
+        if k == "mlm_labels":  # a target at about 15% of the positions, -1 elsewhere
+            x = np.where(rng.random(shape) < 0.15, rng.integers(3, model.vocab_size, shape), -1)
+        elif np.issubdtype(dtype, np.integer):
+            x = rng.integers(3, model.vocab_size, size=shape)
+            x[:, -1] = eos_id
+        else:
+            x = rng.normal(size=shape)
+        out[k] = x.astype(dtype)
+    return out
+
+
 def main(_: list[str]) -> None:
     config = _CONFIG.value or defaults.get_config()
     mesh = make_mesh(config.mesh)
@@ -80,16 +96,10 @@ def main(_: list[str]) -> None:
     jax.block_until_ready(init.state)
     init_s = time.perf_counter() - start
 
-    rng = np.random.default_rng(0)
-    v, t = config.model.vision, config.model.text
     b = config.batch_size
-    tokens = rng.integers(3, t.vocab_size, size=(b, t.context_length)).astype(np.int32)
-    tokens[:, -1] = t.eos_id
     batch = {
-        "image": jax.device_put(
-            rng.normal(size=(b, v.image_size, v.image_size, 3)).astype(np.float32), batch_sharding(mesh, 4)
-        ),
-        "tokens": jax.device_put(tokens, batch_sharding(mesh, 2)),
+        k: jax.device_put(x, batch_sharding(mesh, x.ndim))
+        for k, x in synthetic_batch(model, b, config.model.text.eos_id).items()
     }
     step = make_train_step(
         model,

@@ -20,6 +20,7 @@ import dataclasses
 import io
 import math
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -208,6 +209,66 @@ def decode_random_crop(
                 # strict mode refuses): PIL decides, with the same box.
                 pil_img = _open_pil(data)
         return _crop_pil(pil_img, box, size)
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
+
+
+def decode_random_crops(
+    data: bytes,
+    rngs: Sequence[np.random.Generator],
+    *,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    decoder: str = "simplejpeg",
+) -> np.ndarray:
+    """Several RandomResizedCrops of one image, decoded once: uint8 [len(rngs), size, size, 3].
+
+    Crop k's box is drawn from rngs[k] (exactly as decode_random_crop draws
+    it, so with one generator the two functions agree to the pixel). The
+    image is decoded once, at the reduced scale that still gives every box
+    `size` pixels. Raises ImageDecodeError if no decoder can read the bytes.
+    """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if not rngs:
+        raise ValueError("decode_random_crops needs at least one generator")
+    use_sj = decoder == "simplejpeg" and simplejpeg is not None
+    try:
+        pil_img = None
+        dims = None
+        if use_sj:
+            try:
+                height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+                dims = (height, width)
+            except ValueError:
+                pass
+        if dims is None:
+            pil_img = _open_pil(data)
+            dims = (pil_img.height, pil_img.width)
+        height, width = dims
+        if height < 1 or width < 1 or height * width > MAX_PIXELS:
+            raise ImageDecodeError(f"image of {width}x{height} pixels is empty or exceeds {MAX_PIXELS}")
+        boxes = [random_resized_crop_box(rng, height, width, scale=scale, ratio=ratio) for rng in rngs]
+        needs = [_min_decode_size(box, size, height, width) for box in boxes]
+        min_h, min_w = max(n[0] for n in needs), max(n[1] for n in needs)
+        img = None
+        if pil_img is None:
+            try:
+                if min_h < height and min_w < width:
+                    arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w)
+                else:
+                    arr = simplejpeg.decode_jpeg(data, colorspace="RGB")
+                img = Image.fromarray(arr)
+            except ValueError:
+                pil_img = _open_pil(data)  # as decode_random_crop: PIL decides, with the same boxes
+        if img is None:
+            if pil_img.format == "JPEG":
+                pil_img.draft("RGB", (min_w, min_h))
+            img = to_rgb(pil_img)
+        return np.stack([_resize_box(img, box, size, (width, height)) for box in boxes])
     except ImageDecodeError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...

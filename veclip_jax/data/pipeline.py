@@ -12,7 +12,8 @@ ArrayRecord only (random access; one source or a weighted mixture):
       → per example (reader threads; ReadOptions): read the record (a damaged
         one is skipped as bad_record, its shard named in the log), choose the
         caption (VeCLIP mixing with the source's vecap_prob), decode +
-        RandomResizedCrop + normalise, tokenise
+        RandomResizedCrop + normalise, tokenise; and the extras an objective
+        asks for (MoCo v2 views, an EDA caption, a BERT-masked caption)
       → skip bad examples and batch (b = batch_size / P), counting per source
       → worker processes (mp_prefetch) or a prefetch thread
       → TrainIterator
@@ -39,7 +40,7 @@ Any streamed source (WebDataset tar, Parquet; ArrayRecord sources may join):
     and process count (a change is refused, naming the field).
 
 Everything random is a function of (source seed, epoch, example index): the
-order of an epoch, and each example's crop and caption, so an example looks
+order of an epoch, and each example's crop, caption and extras, so an example looks
 the same whatever the process count, worker count or restart. The P process
 slices of an ArrayRecord stream are disjoint and together cover every epoch
 exactly once; streamed sources split their files over processes and lanes,
@@ -69,7 +70,7 @@ import grain
 import numpy as np
 from grain.experimental import ThreadPrefetchIterDataset
 
-from veclip_jax.data import captions, image_ops, records, seeds
+from veclip_jax.data import augment, captions, image_ops, records, seeds, text_augment
 from veclip_jax.data import sources as sources_mod
 from veclip_jax.data.sources import Item, Skipped, SourceSpec
 from veclip_jax.data.tokenizer import HFTokenizer, Tokenizer, is_hf_tokenizer_dir, load_tokenizer
@@ -99,7 +100,18 @@ STATE_VERSION = 2
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BAD_REASONS", "Skipped", "TooManyBadRecordsError", "TrainIterator", "make_train_iterator"]
+# The batch keys an objective may ask for beyond "image" and "tokens" (make_train_iterator's
+# `extras`); "no_image" is not a key but drops "image" (DeCLIP reads only the views).
+EXTRAS = ("views", "no_image", "tokens_eda", "tokens_mlm", "mlm_labels")
+
+__all__ = [
+    "BAD_REASONS",
+    "EXTRAS",
+    "Skipped",
+    "TooManyBadRecordsError",
+    "TrainIterator",
+    "make_train_iterator",
+]
 
 
 class TooManyBadRecordsError(RuntimeError):
@@ -121,6 +133,22 @@ class ImageSpec:
     crop_scale: tuple[float, float]
     crop_ratio: tuple[float, float]
     decoder: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraSpec:
+    """What Preprocess makes beside "tokens" (plain values: pickled to workers).
+
+    image: the RandomResizedCrop "image" (False for "no_image"). views: the
+    MoCo v2 "views". eda_alpha: "tokens_eda" when set. mlm and mlm_keys: the
+    masking, and which of "tokens_mlm" / "mlm_labels" the batch carries.
+    """
+
+    image: bool = True
+    views: augment.ViewSpec | None = None
+    eda_alpha: float | None = None
+    mlm: text_augment.MaskSpec | None = None
+    mlm_keys: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -193,7 +221,13 @@ def _parquet_fields(spec: SourceSpec, row: Mapping[str, Any]) -> tuple[Any, str 
 
 
 class Preprocess(grain.transforms.Map):
-    """One Item -> Example({"image": float32 [S, S, 3], "tokens": int32 [L]}), or Skipped."""
+    """One Item -> Example({"image": float32 [S, S, 3], "tokens": int32 [L]}, and extras), or Skipped.
+
+    The extras (ExtraSpec): "views" float32 [V, S, S, 3], "tokens_eda",
+    "tokens_mlm", "mlm_labels" int32 [L]; "image" left out when not wanted.
+    Each draws from its own stream of seeds.example_rng(source seed, stream,
+    epoch, index), like the crop and the caption.
+    """
 
     def __init__(
         self,
@@ -201,11 +235,13 @@ class Preprocess(grain.transforms.Map):
         image: ImageSpec,
         tokenizer: Tokenizer | HFTokenizer,
         include_ids: bool = False,
+        extras: ExtraSpec | None = None,
     ):
         self.specs = specs
         self.image = image
         self.tokenizer = tokenizer
         self.include_ids = include_ids
+        self.extras = extras or ExtraSpec()
         # Random access to the ArrayRecord sources' shards (picklable: each worker opens its own).
         self.readers = {s.index: records.RecordReader(list(s.files)) for s in specs if not s.streamed}
 
@@ -246,20 +282,43 @@ class Preprocess(grain.transforms.Map):
             return Skipped("empty_caption", item.source, item.position)
         if not isinstance(data, bytes | bytearray | memoryview):  # None: no image member or cell
             return Skipped("missing_image", item.source, item.position)
-        rng = seeds.example_rng(spec.seed, seeds.STREAM_CROP, item.epoch, item.index)
-        im = self.image
+        im, ex = self.image, self.extras
+        data = bytes(data)
+        out: dict[str, np.ndarray] = {}
         try:
-            pixels = image_ops.decode_random_crop(
-                bytes(data),
-                rng,
-                size=im.image_size,
-                scale=im.crop_scale,
-                ratio=im.crop_ratio,
-                decoder=im.decoder,
-            )
+            if ex.image:
+                rng = seeds.example_rng(spec.seed, seeds.STREAM_CROP, item.epoch, item.index)
+                pixels = image_ops.decode_random_crop(
+                    data,
+                    rng,
+                    size=im.image_size,
+                    scale=im.crop_scale,
+                    ratio=im.crop_ratio,
+                    decoder=im.decoder,
+                )
+                out["image"] = image_ops.normalize(pixels)
+            if ex.views is not None:
+                rngs = [
+                    seeds.example_rng(spec.seed, seeds.STREAM_VIEW, item.epoch, item.index, v)
+                    for v in range(ex.views.views)
+                ]
+                views = augment.decode_views(data, rngs, ex.views)
         except image_ops.ImageDecodeError:
             return Skipped("undecodable_image", item.source, item.position)
-        out = {"image": image_ops.normalize(pixels), "tokens": self.tokenizer.encode_padded(choice.text)}
+        out["tokens"] = tokens = self.tokenizer.encode_padded(choice.text)
+        if ex.views is not None:
+            out["views"] = views
+        if ex.eda_alpha is not None:
+            rng = seeds.example_rng(spec.seed, seeds.STREAM_EDA, item.epoch, item.index)
+            out["tokens_eda"] = self.tokenizer.encode_padded(
+                text_augment.eda(choice.text, rng, alpha=ex.eda_alpha)
+            )
+        if ex.mlm is not None:
+            rng = seeds.example_rng(spec.seed, seeds.STREAM_MLM, item.epoch, item.index)
+            masked, labels = text_augment.mask_tokens(tokens, rng, ex.mlm)
+            for key, value in (("tokens_mlm", masked), ("mlm_labels", labels)):
+                if key in ex.mlm_keys:
+                    out[key] = value
         if self.include_ids:
             out["index"] = np.int64(item.index)
             out["epoch"] = np.int64(item.epoch)
@@ -432,7 +491,7 @@ def _exit_with_parent(worker_index: int, worker_count: int) -> None:
 
 
 class TrainIterator(grain.DatasetIterator):
-    """The training iterator: batches {"image", "tokens"} (plus ids if asked for).
+    """The training iterator: batches {"image", "tokens"}, the extras asked for, and ids if asked for.
 
     A grain DatasetIterator, so `get_state`/`set_state` and orbax's
     `grain.checkpoint.CheckpointSave/CheckpointRestore` work on it. Its state
@@ -708,6 +767,87 @@ def _check_data_config(d: Any) -> None:
             raise ValueError(f"data.{name} must be (low, high) with 0 < low <= high, got {(lo, hi)}")
 
 
+def _wanted_extras(config: ml_collections.ConfigDict, extras: tuple[str, ...] | None) -> tuple[str, ...]:
+    """`extras` checked, or (None) the objective's: objectives.batch_keys_for(config.objective.name)."""
+    if extras is None:
+        from veclip_jax.objectives import batch_keys_for  # jax: the main process only
+
+        extras = tuple(batch_keys_for(config.objective.name if "objective" in config else "clip"))
+    extras = tuple(extras)
+    unknown = sorted(set(extras) - set(EXTRAS) - {"image", "tokens"})
+    if unknown:
+        raise ValueError(f"extras {unknown} are not inputs the pipeline makes: it makes {', '.join(EXTRAS)}")
+    if "no_image" in extras and "image" in extras:
+        raise ValueError('extras ask for both "image" and "no_image"')
+    return extras
+
+
+def _mask_spec(
+    config: ml_collections.ConfigDict, tokenizer: Tokenizer | HFTokenizer
+) -> text_augment.MaskSpec:
+    """The masking of "tokens_mlm", with model.text.mask_id (-1: tokenizer.vocab_size) checked."""
+    text = config.model.text
+    mask_id = int(text.mask_id) if text.mask_id >= 0 else tokenizer.vocab_size
+    if not 0 <= mask_id < text.vocab_size:
+        what = f"{text.mask_id}" if text.mask_id >= 0 else f"-1, i.e. {mask_id}, the id past the tokenizer's"
+        raise ValueError(
+            f"model.text.mask_id={what} is not below model.text.vocab_size={text.vocab_size}: the masked "
+            "captions (tokens_mlm) would index past the text embedding table. Raise model.text.vocab_size "
+            "or set model.text.mask_id to an id the tokenizer does not use"
+        )
+    hf_special: list[int] = []
+    unk = getattr(tokenizer, "unk_id", None)
+    if isinstance(tokenizer, HFTokenizer):
+        hf_special = [int(i) for i in tokenizer.hf.all_special_ids]
+        unk = tokenizer.hf.unk_token_id
+    special = text_augment.special_ids(tokenizer.pad_id, tokenizer.eos_id, hf_special)
+    not_random = tuple(sorted({*special, mask_id, *([int(unk)] if unk is not None else [])}))
+    return text_augment.MaskSpec(
+        prob=float(config.data.augment.mlm_prob),
+        mask_id=mask_id,
+        vocab_size=tokenizer.vocab_size,
+        special=special,
+        not_random=not_random,
+    )
+
+
+def _extra_spec(
+    config: ml_collections.ConfigDict, extras: tuple[str, ...], tokenizer: Tokenizer | HFTokenizer
+) -> ExtraSpec:
+    """The ExtraSpec of `extras`, from config.data.augment (read only for the extras asked for)."""
+    d = config.data
+    a = d.get("augment")
+    views = None
+    if "views" in extras:
+        views = augment.ViewSpec(
+            size=int(config.model.vision.image_size),
+            views=int(a.views),
+            crop_scale=tuple(float(x) for x in a.view_crop_scale),
+            crop_ratio=tuple(float(x) for x in d.crop_ratio),
+            color_jitter=tuple(float(x) for x in a.color_jitter),
+            color_jitter_prob=float(a.color_jitter_prob),
+            grayscale_prob=float(a.grayscale_prob),
+            blur_prob=float(a.blur_prob),
+            blur_sigma=tuple(float(x) for x in a.blur_sigma),
+            flip_prob=float(a.flip_prob),
+            decoder=d.decoder,
+        )
+    eda_alpha = None
+    if "tokens_eda" in extras:
+        if not 0.0 <= a.eda_alpha <= 1.0:
+            raise ValueError(f"data.augment.eda_alpha must lie in [0, 1], got {a.eda_alpha}")
+        text_augment.load_wordnet()  # fails now, naming the package, rather than in a worker
+        eda_alpha = float(a.eda_alpha)
+    mlm_keys = tuple(k for k in ("tokens_mlm", "mlm_labels") if k in extras)
+    return ExtraSpec(
+        image="no_image" not in extras,
+        views=views,
+        eda_alpha=eda_alpha,
+        mlm=_mask_spec(config, tokenizer) if mlm_keys else None,
+        mlm_keys=mlm_keys,
+    )
+
+
 class _LanesIterDataset(grain.IterDataset):
     """This process's reader lanes of a streamed mixture, each in its own thread.
 
@@ -775,12 +915,20 @@ def make_train_iterator(
     include_ids: bool = False,
     sources: DataSources | None = None,
     tokenizer: Tokenizer | HFTokenizer | None = None,
+    extras: tuple[str, ...] | None = None,
 ) -> TrainIterator:
     """This process's infinite stream of training batches.
 
     Yields {"image": float32 [b, S, S, 3] (CLIP-normalised), "tokens": int32
     [b, L]} with b = batch_size // process_count, S = model.vision.image_size,
-    L = model.text.context_length. None for process_index/process_count means
+    L = model.text.context_length, and the `extras` (EXTRAS; None: what
+    config.objective needs, `objectives.batch_keys_for(config.objective.name)`):
+    "views" float32 [b, V, S, S, 3] (V = data.augment.views MoCo v2 views of
+    the image, data/augment.py), "tokens_eda" int32 [b, L] (the caption after
+    one EDA operation), "tokens_mlm" and "mlm_labels" int32 [b, L] (the
+    caption's tokens BERT-masked with model.text.mask_id, and the original
+    ids where selected, -1 elsewhere; data/text_augment.py); "no_image" drops
+    "image". None for process_index/process_count means
     jax.process_index()/jax.process_count(). With neither data.train_files nor
     data.sources it reads the demo data (generated under data.cache_dir on
     first use). `include_ids` adds int64 "index", "epoch" and "source" per
@@ -811,6 +959,8 @@ def make_train_iterator(
             f"tokenizer {src.tokenizer} has {tokenizer.vocab_size} ids but model.text.vocab_size is "
             f"{text.vocab_size}: token ids would fall outside the embedding table"
         )
+    wanted = _wanted_extras(config, extras)
+    extra_spec = _extra_spec(config, wanted, tokenizer)
     streamed = any(s.streamed for s in specs)
     total = sum(s.num_records for s in specs)
     if not streamed and total < process_count:
@@ -821,7 +971,7 @@ def make_train_iterator(
         crop_ratio=tuple(float(x) for x in d.crop_ratio),
         decoder=d.decoder,
     )
-    preprocess = Preprocess(specs, image, tokenizer, include_ids)
+    preprocess = Preprocess(specs, image, tokenizer, include_ids, extra_spec)
     num_workers, num_threads = int(d.num_workers), int(d.num_threads)
     prefetch = max(1, int(d.prefetch))
     batcher = dict(
@@ -834,7 +984,7 @@ def make_train_iterator(
         give_up_after=total if not streamed else max(total, 100 * int(d.bad_window)),
     )
     log.info(
-        "input: %s; process %d of %d, batch %d; %d worker processes x %d threads, %s",
+        "input: %s; process %d of %d, batch %d; %d worker processes x %d threads, %s; extras: %s",
         "; ".join(
             f"{s.label}: {s.num_records or len(s.files)} {s.format} {'files' if s.streamed else 'records'}"
             f"{' (demo data)' if src.is_demo else ''}, weight {s.weight:g}"
@@ -846,6 +996,7 @@ def make_train_iterator(
         num_workers,
         num_threads,
         d.decoder,
+        ", ".join(wanted) or "none",
     )
 
     def finish(ds: grain.IterDataset) -> grain.DatasetIterator:

@@ -1,8 +1,9 @@
 """Per-example randomness derived from (config seed, stream, epoch, record index).
 
-Every random choice of the input pipeline (shuffle, crop, caption) is a pure
-function of these integers and nothing else: not of the worker that happens to
-process the record, the thread, the process count or the position in a batch.
+Every random choice of the input pipeline (shuffle, crop, caption, views,
+EDA, masking) is a pure function of these integers and nothing else: not of
+the worker that happens to process the record, the thread, the process count
+or the position in a batch.
 That is what makes a resumed run, or the same run on a different number of
 hosts, see the same crop and caption for record i in epoch e.
 
@@ -25,6 +26,10 @@ STREAM_CROP = 3
 STREAM_DEMO = 4
 STREAM_SOURCE = 5  # a named source's seed (data/sources.py)
 STREAM_WINDOW = 6  # the shuffle window of a streamed source's reader lane
+# The extra inputs of SLIP / DeCLIP / FILIP (data/augment.py, data/text_augment.py):
+STREAM_VIEW = 7  # view v of an example: example_rng(seed, STREAM_VIEW, epoch, index, v)
+STREAM_EDA = 8  # the EDA operation on the chosen caption
+STREAM_MLM = 9  # the masked-language-model selection on its tokens
 
 
 def example_seed(*parts: int) -> int:

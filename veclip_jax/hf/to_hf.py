@@ -62,7 +62,24 @@ def _to_hf_tensor(path: tuple[str, ...], x: np.ndarray) -> tuple[str, np.ndarray
 def objective_params(params: Any) -> dict[str, float]:
     """The training objective's own scalars (`objective/NAME`, e.g. SigLIP's bias), by name."""
     own = params.get(OBJECTIVE_PARAMS, {}) if isinstance(params, dict) else {}
-    return {"/".join(path): float(np.asarray(x)) for path, x in _flatten(own)}
+    return {"/".join(path): float(x) for path, x in _flatten(own) if x.ndim == 0}
+
+
+def objective_heads(params: Any) -> dict[str, list[int]]:
+    """The training objective's own arrays that are not scalars (MLP heads, mappings): name -> shape."""
+    own = params.get(OBJECTIVE_PARAMS, {}) if isinstance(params, dict) else {}
+    return {"/".join(path): list(x.shape) for path, x in _flatten(own) if x.ndim}
+
+
+# What an exported config.json says about objectives whose training the HF model cannot reproduce.
+OBJECTIVE_NOTES = {
+    "filip": (
+        "Trained with FILIP's token-wise late-interaction loss (image patches x caption tokens). That "
+        "similarity has no HF CLIPModel equivalent: this directory holds the towers, and CLIPModel "
+        "scores their pooled embeddings, which FILIP trains only through objective.filip.clip_weight "
+        "(0 in the toolkit's recipe). FILIP's token mappings and temperature are not exported."
+    ),
+}
 
 
 def params_to_hf(params: Any, logit_scale_max: float = 100.0) -> dict[str, np.ndarray]:
@@ -72,7 +89,7 @@ def params_to_hf(params: Any, logit_scale_max: float = 100.0) -> dict[str, np.nd
     they are dropped, and the log says so. Any other unknown parameter is an error.
     """
     out: dict[str, np.ndarray] = {}
-    dropped = objective_params(params)
+    dropped: dict[str, Any] = {**objective_params(params), **objective_heads(params)}
     if dropped:
         log.info("export: dropping the objective's own parameters (not in CLIPModel): %s", dropped)
     for path, x in _flatten(params):
@@ -164,10 +181,14 @@ def save_hf_directory(
     tokenizer: Any,
     *,
     force: bool = False,
+    objective: str = "clip",
 ) -> str:
     """Writes a transformers CLIP directory for our parameters and tokenizer; returns its path.
 
     `tokenizer` is the run's (veclip_jax.data.tokenizer: Tokenizer or HFTokenizer).
+    `objective` (config.objective.name of the run) is recorded in config.json
+    as `veclip_objective`, with `veclip_notes` where CLIPModel cannot do what
+    the objective trained for (FILIP's token-wise similarity).
     Written into a temporary sibling and renamed into place, so `out` is never
     left half-written. Refuses an existing `out` unless `force`, and even then
     replaces only a directory that looks like an earlier export.
@@ -182,8 +203,15 @@ def save_hf_directory(
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
     try:
         cfg = hf_config(model_cfg)
+        if objective != "clip":
+            cfg.veclip_objective = objective
         if objective_params(params):  # e.g. SigLIP's bias: kept in config.json for who needs the logits
             cfg.veclip_objective_params = objective_params(params)
+        if objective_heads(params):  # training-only heads, not exported: their names and shapes
+            cfg.veclip_dropped_heads = objective_heads(params)
+        if objective in OBJECTIVE_NOTES:
+            cfg.veclip_notes = OBJECTIVE_NOTES[objective]
+            log.warning("export: %s", OBJECTIVE_NOTES[objective])
         cfg.save_pretrained(tmp)
         tensors = params_to_hf(params, model_cfg.logit_scale_max)
         safetensors.numpy.save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
@@ -279,4 +307,5 @@ def export_checkpoint(checkpoint: str, out: str, *, step: int | None = None, for
         trained.model_config,
         tokenizer,
         force=force,
+        objective=trained.objective,
     )

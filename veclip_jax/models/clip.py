@@ -5,13 +5,15 @@ Parameter tree (leading "layers" axis on the scanned blocks):
                 pre_layrnorm, encoder/layers/..., post_layernorm}
   text_model/{embeddings/{token_embedding,position_embedding}, encoder/layers/..., final_layer_norm}
   visual_projection/kernel, text_projection/kernel, logit_scale
-  objective/NAME    scalars owned by the training objective (SigLIP's bias), only when it has
-                    some (veclip_jax/objectives/base.py); not part of HF CLIPModel, dropped on export
+  objective/...     the training objective's own parameters (SigLIP's bias, SLIP's MLP, ...),
+                    only when it has some (veclip_jax/objectives/base.py); not part of HF
+                    CLIPModel, dropped on export
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +24,8 @@ from veclip_jax.models.layers import REMAT_POLICIES, TransformerConfig, with_axe
 from veclip_jax.models.text import TextTransformer
 from veclip_jax.models.vit import VisionTransformer
 from veclip_jax.objectives import make_objective
+from veclip_jax.objectives.base import Objective, TowerDims
+from veclip_jax.objectives.clip import ClipObjective
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -29,21 +33,38 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
-class ObjectiveParams(nn.Module):
-    """The objective's own scalar parameters, under `objective/` so export can tell them apart."""
-
-    inits: tuple[tuple[str, float], ...]
-
-    @nn.compact
-    def __call__(self) -> dict[str, jax.Array]:
-        return {name: self.param(name, with_axes(nn.initializers.constant(v)), ()) for name, v in self.inits}
+# What `CLIP.train_outputs` can give an objective (its `needs`), and from which batch input:
+#   image_{embeds,projected,pooled,tokens}   batch["image"]: the L2-normalised embedding, the
+#       projection before normalisation, the pooled class token before the projection, the
+#       patch tokens of the last block (before post_layernorm) [B, N, width]
+#   view_{embeds,projected,pooled,tokens}    the same for each augmented view of batch["views"]
+#       [B, V, S, S, 3]: tuples of V arrays
+#   text_{embeds,tokens}                     batch["tokens"]: embedding; final_layer_norm output
+#       of every position [B, L, width]
+#   text_valid                               batch["tokens"]: bool [B, L], the caption through
+#       its end-of-text token (the positions that are not padding)
+#   mlm_{embeds,tokens}                      batch["tokens_mlm"] (the masked caption), the same
+#   eda_{embeds,tokens}                      batch["tokens_eda"] (the EDA caption), the same
+#   logit_scale                              exp(parameter), clipped at logit_scale_max
+#   objective                                the objective's heads (objectives/base.py), called
+#                                            with all of the above that were asked for
+IMAGE_OUTPUTS = ("embeds", "projected", "pooled", "tokens")
+TEXT_INPUTS = {"text": "tokens", "mlm": "tokens_mlm", "eda": "tokens_eda"}
+OUTPUTS = (
+    *(f"{p}_{o}" for p in ("image", "view") for o in IMAGE_OUTPUTS),
+    *(f"{p}_{o}" for p in TEXT_INPUTS for o in ("embeds", "tokens")),
+    "text_valid",
+    "logit_scale",
+    "objective",
+)
 
 
 class CLIP(nn.Module):
     """`__call__(images, tokens)` -> {"image_embeds", "text_embeds", "logit_scale"}.
 
     Embeddings are L2-normalised float32; `logit_scale` is exp(parameter),
-    clipped at `logit_scale_max`.
+    clipped at `logit_scale_max`. Training calls `train_outputs(batch)`, which
+    gives what the objective needs (OUTPUTS) and runs its heads.
     """
 
     vision: TransformerConfig
@@ -56,8 +77,8 @@ class CLIP(nn.Module):
     embed_dim: int
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = 100.0
-    # (name, initial value) of the objective's scalar parameters (objective.extra_params).
-    objective_params: tuple[tuple[str, float], ...] = ()
+    # The training objective (objectives/base.py): what train_outputs computes, and its heads.
+    objective_spec: Objective = ClipObjective()
 
     def setup(self) -> None:
         self.vision_model = VisionTransformer(self.vision, self.image_size, self.patch_size)
@@ -67,8 +88,15 @@ class CLIP(nn.Module):
         self.logit_scale = self.param(
             "logit_scale", with_axes(nn.initializers.constant(self.logit_scale_init)), ()
         )
-        if self.objective_params:
-            self.objective = ObjectiveParams(self.objective_params)
+        heads = self.objective_spec.heads(self.dims)
+        if heads is not None:
+            self.objective = heads
+
+    @property
+    def dims(self) -> TowerDims:
+        return TowerDims(
+            self.vision.width, self.text.width, self.embed_dim, self.vocab_size, self.vision.dtype
+        )
 
     def _projection(self, cfg: TransformerConfig) -> nn.Dense:
         return nn.Dense(
@@ -85,14 +113,61 @@ class CLIP(nn.Module):
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         return _l2_normalize(self.text_projection(self.text_model(tokens)))
 
+    def scale(self) -> jax.Array:
+        return jnp.minimum(jnp.exp(self.logit_scale), self.logit_scale_max)
+
     def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, Any]:
-        out: dict[str, Any] = {
+        return {
             "image_embeds": self.encode_image(images),
             "text_embeds": self.encode_text(tokens),
-            "logit_scale": jnp.minimum(jnp.exp(self.logit_scale), self.logit_scale_max),
+            "logit_scale": self.scale(),
         }
-        if self.objective_params:
-            out["objective"] = self.objective()
+
+    def _image(self, images: jax.Array, want: set[str]) -> dict[str, jax.Array]:
+        out = {}
+        if "tokens" in want:
+            pooled, out["tokens"] = self.vision_model(images, return_tokens=True)
+        else:
+            pooled = self.vision_model(images)
+        out["pooled"] = pooled
+        if want & {"embeds", "projected"}:
+            out["projected"] = self.visual_projection(pooled)
+            out["embeds"] = _l2_normalize(out["projected"])
+        return {k: v for k, v in out.items() if k in want}
+
+    def _text(self, tokens: jax.Array, want: set[str]) -> dict[str, jax.Array]:
+        out = {}
+        if "tokens" in want:
+            pooled, out["tokens"] = self.text_model(tokens, return_tokens=True)
+        else:
+            pooled = self.text_model(tokens)
+        if "embeds" in want:
+            out["embeds"] = _l2_normalize(self.text_projection(pooled))
+        return out
+
+    def train_outputs(self, batch: Mapping[str, jax.Array]) -> dict[str, Any]:
+        """What the objective needs (OUTPUTS) for a training batch, its heads' outputs included."""
+        needs = set(self.objective_spec.needs)
+        unknown = needs - set(OUTPUTS)
+        if unknown:
+            raise ValueError(f"objective {self.objective_spec.name!r} needs unknown {sorted(unknown)}")
+        want = lambda prefix: {n.split("_", 1)[1] for n in needs if n.startswith(prefix + "_")}
+        out: dict[str, Any] = {}
+        if w := want("image"):
+            out.update({f"image_{k}": v for k, v in self._image(batch["image"], w).items()})
+        if w := want("view"):
+            views = [self._image(batch["views"][:, v], w) for v in range(batch["views"].shape[1])]
+            out.update({f"view_{k}": tuple(v[k] for v in views) for k in w})
+        for prefix, key in TEXT_INPUTS.items():
+            if w := want(prefix) - {"valid"}:
+                out.update({f"{prefix}_{k}": v for k, v in self._text(batch[key], w).items()})
+        if "text_valid" in needs:
+            eot = jnp.argmax(batch["tokens"] == self.eos_id, axis=-1)
+            out["text_valid"] = jnp.arange(batch["tokens"].shape[1])[None, :] <= eot[:, None]
+        if "logit_scale" in needs:
+            out["logit_scale"] = self.scale()
+        if "objective" in needs:
+            out["objective"] = self.objective(out)
         return out
 
 
@@ -142,7 +217,7 @@ def build_model(model_cfg: Any, *, unroll: bool = False, objective_cfg: Any = No
         embed_dim=model_cfg.embed_dim,
         logit_scale_init=model_cfg.logit_scale_init if scale_init is None else scale_init,
         logit_scale_max=model_cfg.logit_scale_max,
-        objective_params=tuple(objective.extra_params),
+        objective_spec=objective,
     )
 
 
@@ -153,8 +228,36 @@ def dummy_inputs(model: CLIP, batch: int = 1) -> tuple[jax.Array, jax.Array]:
     return images, tokens
 
 
+def input_shapes(model: CLIP, batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """(shape, dtype) of every training input the model's objective reads, for a batch of `batch`.
+
+    "image" [B, S, S, 3] and "tokens" [B, L] always (the image is unused by
+    objectives that read views only), "views" [B, V, S, S, 3] and the extra
+    token rows [B, L] when the objective reads them (objectives/base.py).
+    """
+    s, length = model.image_size, model.context_length
+    out = {"image": ((batch, s, s, 3), jnp.float32), "tokens": ((batch, length), jnp.int32)}
+    spec = model.objective_spec
+    if spec.views:
+        out["views"] = ((batch, spec.views, s, s, 3), jnp.float32)
+    for key in ("tokens_eda", "tokens_mlm", "mlm_labels"):
+        if key in spec.batch_keys:
+            out[key] = ((batch, length), jnp.int32)
+    return out
+
+
+def init_batch(model: CLIP, batch: int = 2) -> dict[str, jax.Array]:
+    """A zero training batch with every input the model's objective reads (for init)."""
+    return {k: jnp.zeros(shape, dtype) for k, (shape, dtype) in input_shapes(model, batch).items()}
+
+
+def init_params(model: CLIP, rng: jax.Array) -> Any:
+    """Fresh parameters (logically boxed), heads of the objective included."""
+    return model.init(rng, init_batch(model), method=CLIP.train_outputs)["params"]
+
+
 def _abstract_params(model: CLIP) -> Any:
-    return jax.eval_shape(lambda r: model.init(r, *dummy_inputs(model))["params"], jax.random.key(0))
+    return jax.eval_shape(lambda r: init_params(model, r), jax.random.key(0))
 
 
 def abstract_params(model: CLIP) -> Any:

@@ -36,7 +36,9 @@ class TextTransformer(nn.Module):
 
     Pooling takes the *first* end-of-text position, which is what HF
     `CLIPTextModel` does whenever `eos_token_id != 2`. With the causal mask,
-    the padding after it cannot reach it, so no padding mask is needed.
+    the padding after it cannot reach it, so no padding mask is needed. With
+    `return_tokens`, also every position's final_layer_norm output [batch,
+    length, width] (FILIP's text tokens, DeCLIP's MLM input).
     """
 
     cfg: TransformerConfig
@@ -45,7 +47,9 @@ class TextTransformer(nn.Module):
     eos_id: int
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(
+        self, tokens: jax.Array, return_tokens: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         if tokens.shape[1] > self.context_length:
             raise ValueError(f"{tokens.shape[1]} tokens, the model holds {self.context_length}")
         x = TextEmbeddings(self.cfg, self.vocab_size, self.context_length, name="embeddings")(tokens)
@@ -53,4 +57,5 @@ class TextTransformer(nn.Module):
         x = layer_norm(self.cfg, "final_layer_norm")(x)
         eot = jnp.argmax(tokens == self.eos_id, axis=-1)
         pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
-        return nn.with_logical_constraint(pooled, ("batch", "act_embed"))
+        pooled = nn.with_logical_constraint(pooled, ("batch", "act_embed"))
+        return (pooled, x) if return_tokens else pooled

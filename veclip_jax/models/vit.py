@@ -47,7 +47,9 @@ class VisionTransformer(nn.Module):
     """Images [batch, size, size, 3] (normalised) -> pooled features [batch, width].
 
     pre-LN on the embedded sequence, pre-LN blocks, LayerNorm on the class
-    token. The projection lives in the two-tower model, as in HF.
+    token. The projection lives in the two-tower model, as in HF. With
+    `return_tokens`, also the patch tokens [batch, patches, width] of the last
+    block (no class token, before post_layernorm: FILIP's image tokens).
     """
 
     cfg: TransformerConfig
@@ -55,11 +57,14 @@ class VisionTransformer(nn.Module):
     patch_size: int
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(
+        self, images: jax.Array, return_tokens: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         if images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(f"images are {images.shape[1:3]}, the model expects {self.image_size}px")
         x = VisionEmbeddings(self.cfg, self.image_size, self.patch_size, name="embeddings")(images)
         x = layer_norm(self.cfg, "pre_layrnorm")(x)  # sic: HF's spelling
         x = Encoder(self.cfg, name="encoder")(x)
         pooled = layer_norm(self.cfg, "post_layernorm")(x[:, 0])
-        return nn.with_logical_constraint(pooled, ("batch", "act_embed"))
+        pooled = nn.with_logical_constraint(pooled, ("batch", "act_embed"))
+        return (pooled, x[:, 1:]) if return_tokens else pooled

@@ -1,20 +1,36 @@
 """The objective seam: what the train step differentiates.
 
-An objective turns the model's outputs (and the batch) into `loss, metrics`;
-it declares what it needs so the step, the model and the config checks can
-serve it without knowing which objective runs:
+An objective turns the model's outputs (and the batch, and its own state)
+into `loss, metrics`; it declares what it needs so the input pipeline, the
+model, the step and the config checks serve it without knowing which
+objective runs:
 
-- `needs`: the model outputs / batch inputs it reads ("image_embeds",
-  "text_embeds", "logit_scale", "objective", ...). Objectives that read only
-  the pooled embeddings, the logit scale and their own scalar parameters
-  (`pooled_only`) keep the exact gradient accumulation of train/step.py
-  (gradient cache); the others refuse `grad_accum_steps > 1` (config.py).
-- `extra_params`: scalar parameters it owns, name -> initial value. They live
-  in the parameter tree under `objective/NAME` (models/clip.py), so they are
-  trained, checkpointed and sharded like any parameter, and the HF export can
-  recognise and drop them (hf/to_hf.py).
+- `batch_keys`: what the input pipeline supplies beyond the caption tokens
+  (data/pipeline.py `extras`): "views" (data.augment.views MoCoV2 views),
+  "tokens_eda" (the caption after one EDA operation), "tokens_mlm" and
+  "mlm_labels" (the masked caption and its targets), "no_image" (no standard
+  crop: the objective reads only the views).
+- `views`: how many augmented views it reads (data.augment.views must match).
+- `needs`: the model outputs it reads (models/clip.py OUTPUTS: pooled
+  embeddings, pre-projection features, token features of the image, of each
+  view, of each text input, "logit_scale", "objective").
+- `pooled_only`: reads only the pooled embeddings, the logit scale and its
+  own scalar parameters. Such objectives keep the exact gradient
+  accumulation of train/step.py (gradient cache); the others refuse
+  `grad_accum_steps > 1` (config.py).
+- `heads(dims)`: a Flax module for the parameters it owns (scalars such as
+  SigLIP's bias, MLP heads such as SLIP's), or None. It lives in the
+  parameter tree under `objective/` (models/clip.py), so it is trained,
+  checkpointed and sharded like any parameter (its kernels name logical
+  axes), and the HF export drops it, saying so. It is called with the tower
+  outputs and its results appear as `outputs["objective"]`.
 - `logit_scale_init`: when set, the model's temperature parameter starts
   there instead of at `config.model.logit_scale_init` (SigLIP: log 10).
+- state (DeCLIP's text queue): `init_state(rng, dims)` gives the arrays (a dict,
+  {} for none), `state_axes()` their logical axis names (sharding),
+  `next_state(outputs, state)` the state after a step (outside the
+  gradient). It is part of the train state, so of every checkpoint; a step
+  skipped for a non-finite loss leaves it unchanged.
 
 The step, the loop's logging (every metric by name) and the checkpoint are
 the same for every objective.
@@ -22,8 +38,9 @@ the same for every objective.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple
 
 import jax
 from jax.sharding import Mesh
@@ -34,16 +51,62 @@ LossAndMetrics = tuple[jax.Array, dict[str, jax.Array]]
 # The parameter-tree key under which objective-owned parameters live.
 OBJECTIVE_PARAMS = "objective"
 
+# Extras the input pipeline knows how to supply (data/pipeline.py).
+BATCH_EXTRAS = ("views", "no_image", "tokens_eda", "tokens_mlm", "mlm_labels")
 
-class Objective(Protocol):
-    """`objective(outputs, batch, mesh=...) -> (loss, metrics)`; see the module doc."""
 
-    name: str
-    needs: tuple[str, ...]
-    pooled_only: bool
-    extra_params: tuple[tuple[str, float], ...]
-    logit_scale_init: float | None
+class TowerDims(NamedTuple):
+    """What an objective's heads and state need to know of the towers."""
+
+    vision_width: int
+    text_width: int
+    embed_dim: int
+    vocab_size: int
+    dtype: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """`objective(outputs, batch, mesh=..., state=...) -> (loss, metrics)`; see the module doc.
+
+    Objectives are frozen dataclasses (hashable: the model holds one as a
+    static field); the defaults here are CLIP's: pooled embeddings, no
+    heads, no state.
+    """
+
+    name: str = "clip"
+    needs: tuple[str, ...] = ("image_embeds", "text_embeds", "logit_scale")
+    batch_keys: tuple[str, ...] = ()
+    views: int = 0
+    pooled_only: bool = True
+
+    @property
+    def logit_scale_init(self) -> float | None:
+        """The temperature parameter's initial value, or None for config.model.logit_scale_init."""
+        return None
+
+    def heads(self, dims: TowerDims) -> Any:
+        """The Flax module of the parameters this objective owns, or None."""
+        return None
+
+    def init_state(self, rng: jax.Array, dims: TowerDims) -> dict[str, jax.Array]:
+        """The objective's state arrays at step 0 ({} for none), a function of `rng` (from config.seed)."""
+        return {}
+
+    def state_axes(self) -> dict[str, tuple[str | None, ...]]:
+        """Logical axis names of each state array (parallel/rules.py decides the mesh axes)."""
+        return {}
+
+    def next_state(self, outputs: Outputs, state: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """The state after a step, from this step's outputs (no gradient flows through it)."""
+        return state
 
     def __call__(
-        self, outputs: Outputs, batch: Mapping[str, jax.Array], *, mesh: Mesh | None
-    ) -> LossAndMetrics: ...
+        self,
+        outputs: Outputs,
+        batch: Mapping[str, jax.Array],
+        *,
+        mesh: Mesh | None = None,
+        state: Mapping[str, jax.Array] | None = None,
+    ) -> LossAndMetrics:
+        raise NotImplementedError(f"objective {self.name!r} has no loss")

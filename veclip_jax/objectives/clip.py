@@ -13,6 +13,7 @@ so the gradient reaches the embeddings of every example.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -22,6 +23,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from veclip_jax.defaults import BATCH_AXES
+from veclip_jax.objectives.base import Objective
 
 
 def _terms(
@@ -101,22 +103,13 @@ def clip_loss(
     return _finish(blockwise(img, txt, scale), batch, scale)
 
 
-class ClipObjective:
+@dataclasses.dataclass(frozen=True)
+class ClipObjective(Objective):
     """CLIP's symmetric InfoNCE as an objective: pooled embeddings and the model's logit scale only."""
 
-    name = "clip"
-    needs = ("image_embeds", "text_embeds", "logit_scale")
-    pooled_only = True
-    extra_params: tuple[tuple[str, float], ...] = ()
-    logit_scale_init: float | None = None
-
-    def __eq__(self, other: object) -> bool:  # a static field of the (hashable) model
-        return type(other) is type(self)
-
-    def __hash__(self) -> int:
-        return hash(self.name)
+    name: str = "clip"
 
     def __call__(
-        self, outputs: Any, batch: Any, *, mesh: Mesh | None = None
+        self, outputs: Any, batch: Any, *, mesh: Mesh | None = None, state: Any = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         return clip_loss(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"], mesh=mesh)

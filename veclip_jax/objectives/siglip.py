@@ -29,6 +29,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from veclip_jax.defaults import BATCH_AXES
+from veclip_jax.objectives.base import Objective, TowerDims
+from veclip_jax.objectives.heads import ScalarParams
 
 
 def _block_terms(
@@ -140,25 +142,23 @@ def siglip_loss(
 
 
 @dataclasses.dataclass(frozen=True)
-class SigLipObjective:
+class SigLipObjective(Objective):
     """The sigmoid loss as an objective: pooled embeddings, the temperature and its own bias."""
 
     temperature_init: float = math.log(10.0)
     bias_init: float = -10.0
     name: str = "siglip"
     needs: tuple[str, ...] = ("image_embeds", "text_embeds", "logit_scale", "objective")
-    pooled_only: bool = True
 
-    @property
-    def extra_params(self) -> tuple[tuple[str, float], ...]:
-        return (("bias", self.bias_init),)
+    def heads(self, dims: TowerDims) -> ScalarParams:
+        return ScalarParams((("bias", self.bias_init),))
 
     @property
     def logit_scale_init(self) -> float | None:
         return self.temperature_init
 
     def __call__(
-        self, outputs: Any, batch: Any, *, mesh: Mesh | None = None
+        self, outputs: Any, batch: Any, *, mesh: Mesh | None = None, state: Any = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         bias = outputs["objective"]["bias"]
         return siglip_loss(

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from veclip_jax.errors import UserError
-from veclip_jax.models.clip import build_model, param_count
+from veclip_jax.models.clip import build_model, input_shapes, param_count
 from veclip_jax.objectives import make_objective
 from veclip_jax.parallel.hardware import Accelerator, devices_per_chip, parse_hardware
 from veclip_jax.parallel.mesh import batch_sharding, make_mesh
@@ -151,11 +151,9 @@ def compile_step(
     tx = make_optimizer(config.optim, config.total_steps)
     shardings = state_shardings(model, tx, mesh, rules)
     state = abstract_train_state(model, tx, shardings)
-    v, t, b = config.model.vision, config.model.text, config.batch_size
-    image_shape = (b, v.image_size, v.image_size, 3)
     batch = {
-        "image": jax.ShapeDtypeStruct(image_shape, np.float32, sharding=batch_sharding(mesh, 4)),
-        "tokens": jax.ShapeDtypeStruct((b, t.context_length), np.int32, sharding=batch_sharding(mesh, 2)),
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
+        for k, (shape, dtype) in input_shapes(model, config.batch_size).items()
     }
     k = config.optim.grad_accum_steps
     step = make_train_step(

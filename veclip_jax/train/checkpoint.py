@@ -4,7 +4,8 @@ A checkpoint is one Orbax `CheckpointManager` step directory under
 `WORKDIR/checkpoints/STEP/` holding four items:
 
   params  the model parameters (sharded arrays; restorable alone, e.g. for init_from or export)
-  train   {"step", "opt_state", "nonfinite_steps"}: the rest of the TrainState
+  train   {"step", "opt_state", "nonfinite_steps"} and, when the objective has state (DeCLIP's
+          text queue), "objective_state": the rest of the TrainState
   data    the grain iterator state, one file per process
   meta    JSON: the loop step, the non-finite streak, the run's config
 
@@ -62,6 +63,15 @@ def _restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 
+def _train_item(state: TrainState) -> dict[str, Any]:
+    """The "train" item: the TrainState but its parameters (objective state only when there is one,
+    so checkpoints of stateless objectives keep their layout)."""
+    train = {"step": state.step, "opt_state": state.opt_state, "nonfinite_steps": state.nonfinite_steps}
+    if state.objective_state:
+        train["objective_state"] = state.objective_state
+    return train
+
+
 class Checkpointer:
     """The run's CheckpointManager: save and restore whole train states with the data iterator."""
 
@@ -89,7 +99,7 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, data_iter: Any, meta: dict[str, Any]) -> None:
         """Starts saving (returns once the arrays are copied off the devices); raises on failure."""
-        train = {"step": state.step, "opt_state": state.opt_state, "nonfinite_steps": state.nonfinite_steps}
+        train = _train_item(state)
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             train=ocp.args.StandardSave(train),
@@ -105,7 +115,7 @@ class Checkpointer:
     ) -> tuple[TrainState, dict[str, Any]]:
         """The train state at `step`, placed as `abstract_state` says; moves `data_iter` to its position."""
         s = abstract_state
-        abstract_train = {"step": s.step, "opt_state": s.opt_state, "nonfinite_steps": s.nonfinite_steps}
+        abstract_train = _train_item(s)
         r = self._mngr.restore(
             step,
             args=ocp.args.Composite(
@@ -123,6 +133,7 @@ class Checkpointer:
             params=params,
             opt_state=train["opt_state"],
             nonfinite_steps=train["nonfinite_steps"],
+            objective_state=train.get("objective_state", {}),
         )
         return state, dict(r["meta"])
 
@@ -271,20 +282,25 @@ def read_metadata(path: str, step: int | None = None) -> dict[str, Any]:
 
 
 def restore_params(
-    path: str, abstract_params: Any | None = None, *, step: int | None = None
+    path: str, abstract_params: Any | None = None, *, step: int | None = None, partial: bool = False
 ) -> tuple[Any, dict]:
     """(params, meta) of a checkpoint of ours (see `resolve_checkpoint` for `path`).
 
     `abstract_params` (ShapeDtypeStructs with shardings) says where to put the
     arrays and must match the checkpoint's shapes; None restores them with the
-    shardings they were saved with (those devices must exist here).
+    shardings they were saved with (those devices must exist here). `partial`:
+    read only the entries of `abstract_params` (e.g. the towers of a
+    checkpoint trained with another objective's heads).
     """
     root, step = resolve_checkpoint(path, step)
     mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
     try:
-        args = ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()
-        )
+        if partial:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+            item = ocp.args.PyTreeRestore(abstract_params, restore_args=restore_args, partial_restore=True)
+        else:
+            item = ocp.args.StandardRestore(abstract_params)
+        args = ocp.args.Composite(params=item, meta=ocp.args.JsonRestore())
         r = mngr.restore(step, args=args)
     except Exception as e:
         raise _unreadable(root, step, e, mngr) from e
@@ -303,6 +319,7 @@ class TrainedParams:
     model_config: ml_collections.ConfigDict
     params: Any  # on one device
     checkpoint: str  # the step directory read
+    objective: str = "clip"  # config.objective.name of the run (its heads are in params["objective"])
 
 
 def load_trained_params(path: str, step: int | None = None) -> TrainedParams:
@@ -320,4 +337,5 @@ def load_trained_params(path: str, step: int | None = None) -> TrainedParams:
     shapes = abstract_params(build_model(model_cfg, objective_cfg=objective_cfg))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
     params, meta = restore_params(path, abstract, step=meta["step"])
-    return TrainedParams(model_cfg, params, meta["checkpoint"])
+    name = objective_cfg.name if objective_cfg else "clip"
+    return TrainedParams(model_cfg, params, meta["checkpoint"], name)

@@ -48,7 +48,7 @@ from veclip_jax.eval.tasks import EvalContext
 from veclip_jax.fileio import atomic_write_text, json_safe, normalize
 from veclip_jax.hf.from_hf import check_same_model, import_params, is_hf_clip_dir
 from veclip_jax.models.clip import CLIP, build_model
-from veclip_jax.objectives import make_objective
+from veclip_jax.objectives import OBJECTIVE_PARAMS, make_objective
 from veclip_jax.parallel.hardware import apply_mesh_rules, check_devices
 from veclip_jax.parallel.mesh import global_batch, make_mesh
 from veclip_jax.parallel.rules import rules_from_config
@@ -63,7 +63,7 @@ from veclip_jax.workdir import CHECKPOINTS, CONFIG_FILE, WorkdirLock, keep_token
 log = logging.getLogger(__name__)
 
 # Step metrics reported as the window's last value rather than its mean; step_applied is bookkeeping.
-_LAST_VALUE = ("learning_rate", "logit_scale")
+_LAST_VALUE = ("learning_rate", "logit_scale", "logit_bias", "filip_logit_scale")
 _NOT_LOGGED = ("step_applied",)
 
 
@@ -262,14 +262,19 @@ def _initial_state(
     rules = rules_from_config(config)
     state = init_train_state(model, tx, mesh, jax.random.key(config.seed), rules).state
     if config.init_from:
+        # The towers (and temperature) come from init_from; the objective's own parameters start
+        # fresh, since the source may have been trained with another objective (or none: HF).
         placement = abstract_train_state(model, tx, shardings).params
+        towers = {k: v for k, v in placement.items() if k != OBJECTIVE_PARAMS}
         if is_hf_clip_dir(config.init_from):
-            params = import_params(config.init_from, placement)
+            params = import_params(config.init_from, towers)
             log.info("parameters from the HF CLIP directory %s", config.init_from)
         else:
-            params, meta = restore_params(config.init_from, placement)
+            params, meta = restore_params(config.init_from, towers, partial=True)
             log.info("parameters from %s (step %s)", meta["checkpoint"], meta["step"])
-        state = state.replace(params=params)
+        if OBJECTIVE_PARAMS in state.params:
+            log.info("init_from: the objective's own parameters (%s) start fresh", OBJECTIVE_PARAMS)
+        state = state.replace(params={**state.params, **params})
     return state, 0, 0
 
 

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from veclip_jax.models.clip import CLIP, abstract_params, dummy_inputs, param_logical_specs
+from veclip_jax.models.clip import CLIP, abstract_params, init_params, param_logical_specs
 from veclip_jax.parallel.mesh import replicated
 from veclip_jax.parallel.rules import DEFAULT_RULES, LogicalRules
 
@@ -23,6 +24,8 @@ class TrainState:
     params: Any
     opt_state: Any
     nonfinite_steps: jax.Array  # int32 scalar: updates skipped for a non-finite loss/gradient
+    # The objective's own state (DeCLIP's text queue; objectives/base.py), {} for most objectives.
+    objective_state: Any = flax.struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +41,8 @@ def state_shardings(
 ) -> TrainState:
     """NamedShardings for every leaf of the train state, from the logical rules.
 
-    Optimizer moments follow their parameter; scalars (counts) are replicated.
+    Optimizer moments follow their parameter; scalars (counts) are replicated;
+    the objective's state follows the logical axes it declares.
     """
     param_sh = nn.logical_to_mesh_sharding(param_logical_specs(model), mesh, rules)
     rep = replicated(mesh)
@@ -46,7 +50,11 @@ def state_shardings(
     opt_sh = optax.tree_map_params(
         tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: rep
     )
-    return TrainState(step=rep, params=param_sh, opt_state=opt_sh, nonfinite_steps=rep)
+    axes = model.objective_spec.state_axes()
+    objective_sh = {k: nn.logical_to_mesh_sharding(P(*v), mesh, rules) for k, v in axes.items()}
+    return TrainState(
+        step=rep, params=param_sh, opt_state=opt_sh, nonfinite_steps=rep, objective_state=objective_sh
+    )
 
 
 def init_train_state(
@@ -66,9 +74,15 @@ def init_train_state(
 
 def _init_fn(model: CLIP, tx: optax.GradientTransformation):
     def init(rng: jax.Array) -> TrainState:
-        params = nn.unbox(model.init(rng, *dummy_inputs(model))["params"])
+        params = nn.unbox(init_params(model, rng))
         zero = jnp.zeros((), jnp.int32)
-        return TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite_steps=zero)
+        return TrainState(
+            step=zero,
+            params=params,
+            opt_state=tx.init(params),
+            nonfinite_steps=zero,
+            objective_state=model.objective_spec.init_state(jax.random.fold_in(rng, 1), model.dims),
+        )
 
     return init
 

@@ -15,10 +15,12 @@ the large-batch update up to float round-off. Averaging micro-batch gradients
 (optax.MultiSteps) would not: each would see only its own negatives.
 
 The loss is the objective's (veclip_jax/objectives/base.py): the step
-differentiates `objective(outputs, batch) -> (loss, metrics)` whatever it
-is. The gradient cache serves objectives that read only the pooled
-embeddings and scalar parameters (`pooled_only`: CLIP, SigLIP); their
-scalars (the temperature, objective/...) get their gradient in step 2.
+differentiates `objective(model.train_outputs(batch), batch, state) -> (loss,
+metrics)` whatever it is, then advances the objective's state (DeCLIP's
+queue) from the same outputs, outside the gradient. The gradient cache serves
+objectives that read only the pooled embeddings and scalar parameters
+(`pooled_only`: CLIP, SigLIP); their scalars (the temperature, objective/...)
+get their gradient in step 2.
 """
 
 from __future__ import annotations
@@ -62,6 +64,23 @@ def _merge(y: jax.Array, mesh: Mesh) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+# The rank of every batch input an objective may read (data/pipeline.py makes them).
+BATCH_NDIM = {"image": 4, "views": 5, "tokens": 2, "tokens_eda": 2, "tokens_mlm": 2, "mlm_labels": 2}
+
+
+def batch_inputs(objective: Objective) -> tuple[str, ...]:
+    """The batch arrays the step takes for `objective`: tokens, the image (unless "no_image"), extras."""
+    keys = ["tokens"] if "no_image" in objective.batch_keys else ["image", "tokens"]
+    return tuple(keys + [k for k in objective.batch_keys if k in BATCH_NDIM and k not in keys])
+
+
+def _inputs(batch: Batch, keys: tuple[str, ...]) -> Batch:
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"the batch lacks {missing} (it has {sorted(batch)}); the step reads {list(keys)}")
+    return {k: batch[k] for k in keys}
+
+
 def make_train_step(
     model: CLIP,
     tx: optax.GradientTransformation,
@@ -75,13 +94,15 @@ def make_train_step(
 ) -> StepFn:
     """Compiles-on-first-call `train_step(state, batch) -> (state, metrics)`.
 
-    `batch` is {"image": [B, S, S, 3] float, "tokens": [B, L] int32}, global
-    arrays sharded over data x fsdp. The state is donated: its buffers are
-    reused for the new state. Metrics are replicated scalars. A non-finite
-    loss or gradient leaves the parameters and optimizer state unchanged and
-    counts the step in `state.nonfinite_steps`. `objective` (default CLIP)
-    gives the loss and metrics; its own parameters must be in the model
-    (`build_model(..., objective_cfg=...)`).
+    `batch` is {"image": [B, S, S, 3] float, "tokens": [B, L] int32} and the
+    extras the objective reads (`batch_inputs`: "views" [B, V, S, S, 3], ...),
+    global arrays sharded over data x fsdp; other keys are ignored. The state
+    is donated: its buffers are reused for the new state. Metrics are
+    replicated scalars. A non-finite loss or gradient leaves the parameters,
+    optimizer state and objective state unchanged and counts the step in
+    `state.nonfinite_steps`. `objective` (default CLIP) gives the loss and
+    metrics; the model must be built for it (`build_model(...,
+    objective_cfg=...)`: its heads and what train_outputs computes).
     """
     k = grad_accum_steps
     if k < 1:
@@ -92,24 +113,28 @@ def make_train_step(
             f"config.optim.grad_accum_steps={k}: objective {objective.name!r} does not support exact "
             "gradient accumulation (it needs more than pooled embeddings); use 1"
         )
-    if tuple(objective.extra_params) != tuple(model.objective_params):
+    if objective != model.objective_spec:
         raise ValueError(
-            f"objective {objective.name!r} owns parameters {objective.extra_params} but the model was built "
-            f"with {model.objective_params}: build it with build_model(..., objective_cfg=config.objective)"
+            f"objective {objective} but the model was built for {model.objective_spec}: build it with "
+            "build_model(..., objective_cfg=config.objective)"
         )
     scale_max = model.logit_scale_max
+    batch_keys = batch_inputs(objective)
 
     def apply(params: Any, images: jax.Array, tokens: jax.Array) -> dict[str, Any]:
         return model.apply({"params": params}, images, tokens)
 
-    def grads_full_batch(params: Any, batch: Batch) -> tuple[Any, dict[str, jax.Array]]:
-        def loss_fn(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-            return objective(apply(p, batch["image"], batch["tokens"]), batch, mesh=mesh)
+    def grads_full_batch(params: Any, batch: Batch, obj_state: Any) -> tuple[Any, dict[str, jax.Array], Any]:
+        def loss_fn(p: Any) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
+            outputs = model.apply({"params": p}, batch, method=CLIP.train_outputs)
+            loss, metrics = objective(outputs, batch, mesh=mesh, state=obj_state)
+            return loss, (metrics, outputs)
 
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return grads, metrics
+        (_, (metrics, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        new_obj_state = objective.next_state(jax.lax.stop_gradient(outputs), obj_state)
+        return grads, metrics, new_obj_state
 
-    def grads_accumulated(params: Any, batch: Batch) -> tuple[Any, dict[str, jax.Array]]:
+    def grads_accumulated(params: Any, batch: Batch, obj_state: Any) -> tuple[Any, dict[str, jax.Array], Any]:
         micro = jax.tree.map(lambda x: _split(x, k, mesh), batch)
 
         def embed(p: Any, mb: Batch) -> tuple[jax.Array, jax.Array]:
@@ -146,12 +171,12 @@ def make_train_step(
         grads["logit_scale"] = grads["logit_scale"] + g_scale
         if own:
             grads[OBJECTIVE_PARAMS] = jax.tree.map(jnp.add, grads[OBJECTIVE_PARAMS], g_own)
-        return grads, metrics
+        return grads, metrics, obj_state
 
     compute_grads = grads_full_batch if k == 1 else grads_accumulated
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        grads, metrics = compute_grads(state.params, batch)
+        grads, metrics, obj_state = compute_grads(state.params, batch, state.objective_state)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -162,6 +187,7 @@ def make_train_step(
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+            objective_state=keep(obj_state, state.objective_state),
         )
         metrics = dict(metrics, grad_norm=grad_norm, step_applied=finite.astype(jnp.float32))
         if learning_rate_fn is not None:
@@ -169,7 +195,7 @@ def make_train_step(
         return new_state, metrics
 
     rep = replicated(mesh)
-    in_batch = {"image": batch_sharding(mesh, 4), "tokens": batch_sharding(mesh, 2)}
+    in_batch = {k: batch_sharding(mesh, BATCH_NDIM[k]) for k in batch_keys}
     jitted = jax.jit(
         train_step,
         in_shardings=(state_shardings, in_batch),
@@ -181,12 +207,12 @@ def make_train_step(
         # Tracing reads the mesh and logical rules from context (the models'
         # activation constraints); after the first call this only dispatches.
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted(state, batch)
+            return jitted(state, _inputs(batch, batch_keys))
 
     def lower(state: TrainState, batch: Batch) -> jax.stages.Lowered:
         """The step lowered for these inputs (for .compile(), cost analysis), in the same context."""
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted.lower(state, batch)
+            return jitted.lower(state, _inputs(batch, batch_keys))
 
     step.lower = lower
     return step
