@@ -135,7 +135,10 @@ def _load_ours(path: str, step: int | None, tokenizer: str | None, batch_size: i
     )
     size = cfg.vision.image_size
     preprocess = EvalPreprocess(size, size)
-    return LoadedCLIP(build_model(cfg), trained.params, cfg, tok, preprocess, trained.checkpoint, batch_size)
+    # With the run's objective: its heads are in the parameters, and a FILIP run is evaluated through
+    # them (token-wise, veclip_jax/eval/tokenwise.py).
+    model = build_model(cfg, objective_cfg=trained.objective_config)
+    return LoadedCLIP(model, trained.params, cfg, tok, preprocess, trained.checkpoint, batch_size)
 
 
 

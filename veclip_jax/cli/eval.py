@@ -8,7 +8,9 @@ the standard ones by name (imagenet, imagenet_v2, coco, flickr30k, cifar10,
 cifar100, ... see veclip_jax/eval/registry.py), `folder:DIR` (an ImageFolder
 tree), `tfds:NAME[:SPLIT]`, `linear_probe:TASK`, or the names of a workdir's
 config.evals entries (all of them when --tasks is not given). Prints the
-paper's table, writes a CLIP_benchmark-style JSON file per task into OUT and,
+paper's table and how each task was scored (token-wise late interaction for a
+FILIP run's zero-shot and retrieval tasks, pooled embeddings otherwise),
+writes a CLIP_benchmark-style JSON file per task into OUT and,
 for a workdir, appends the metrics to its eval.jsonl. Missing data is
 refused with where to put it (exit code 2).
 """
@@ -60,6 +62,11 @@ def main(argv: list[str]) -> None:
         for key, rate in out.images_per_sec.items():
             print(f"{key}: {rate:.0f} images/s embedding")
         print(out.table)
+        from veclip_jax.eval.tokenwise import DESCRIPTION
+
+        for how in sorted(set(out.scoring.values())):
+            tasks = [k for k, v in out.scoring.items() if v == how]
+            print(f"scoring ({', '.join(tasks)}): {DESCRIPTION[how]}")
         if out.files:
             print(f"results: {', '.join(out.files)}")
 

@@ -144,29 +144,11 @@ def _min_decode_size(box: Box, size: int, height: int, width: int) -> tuple[int,
     return math.ceil(size * height / crop_h), math.ceil(size * width / crop_w)
 
 
-def _crop_simplejpeg(data: bytes, height: int, width: int, box: Box, size: int) -> np.ndarray:
-    min_h, min_w = _min_decode_size(box, size, height, width)
-    if min_h < height and min_w < width:
-        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w)
-    else:
-        arr = simplejpeg.decode_jpeg(data, colorspace="RGB")
-    return _resize_box(Image.fromarray(arr), box, size, (width, height))
-
-
 def _open_pil(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     if img.width * img.height > MAX_PIXELS:
         raise ImageDecodeError(f"image of {img.width}x{img.height} pixels exceeds {MAX_PIXELS}")
     return img
-
-
-def _crop_pil(img: Image.Image, box: Box, size: int) -> np.ndarray:
-    full = img.size
-    if img.format == "JPEG":
-        min_h, min_w = _min_decode_size(box, size, full[1], full[0])
-        img.draft("RGB", (min_w, min_h))
-    img = to_rgb(img)  # also loads; every mode ends up 8-bit RGB (16-bit scaled, not clipped)
-    return _resize_box(img, box, size, full)
 
 
 def decode_random_crop(
@@ -182,37 +164,7 @@ def decode_random_crop(
 
     Raises ImageDecodeError if no decoder can read the bytes.
     """
-    if decoder not in DECODERS:
-        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-    use_sj = decoder == "simplejpeg" and simplejpeg is not None
-    try:
-        pil_img = None
-        dims = None
-        if use_sj:
-            try:
-                height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-                dims = (height, width)
-            except ValueError:
-                pass  # not a JPEG simplejpeg understands: PIL reads it
-        if dims is None:
-            pil_img = _open_pil(data)
-            dims = (pil_img.height, pil_img.width)
-        height, width = dims
-        if height < 1 or width < 1 or height * width > MAX_PIXELS:
-            raise ImageDecodeError(f"image of {width}x{height} pixels is empty or exceeds {MAX_PIXELS}")
-        box = random_resized_crop_box(rng, height, width, scale=scale, ratio=ratio)
-        if pil_img is None:
-            try:
-                return _crop_simplejpeg(data, height, width, box, size)
-            except ValueError:
-                # Header fine, body not (truncated, or a variant libjpeg-turbo's
-                # strict mode refuses): PIL decides, with the same box.
-                pil_img = _open_pil(data)
-        return _crop_pil(pil_img, box, size)
-    except ImageDecodeError:
-        raise
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
+    return decode_random_crops(data, [rng], size=size, scale=scale, ratio=ratio, decoder=decoder)[0]
 
 
 def decode_random_crops(
@@ -267,7 +219,7 @@ def decode_random_crops(
         if img is None:
             if pil_img.format == "JPEG":
                 pil_img.draft("RGB", (min_w, min_h))
-            img = to_rgb(pil_img)
+            img = to_rgb(pil_img)  # also loads; every mode ends up 8-bit RGB (16-bit scaled, not clipped)
         return np.stack([_resize_box(img, box, size, (width, height)) for box in boxes])
     except ImageDecodeError:
         raise

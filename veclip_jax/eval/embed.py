@@ -72,6 +72,11 @@ class Progress:
         return self.count / max(time.perf_counter() - self.t0, 1e-9)
 
 
+# (params, this process's images, tags) -> (per-image outputs of the global batch, its tags):
+# Encoders.image_batch and its token-wise siblings.
+BatchEncoder = Callable[[Any, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
 def embed_images(
     encoders: Encoders,
     params: Any,
@@ -81,12 +86,19 @@ def embed_images(
     desc: str = "images",
     progress: bool = False,
     num_threads: int | None = None,
+    encode: BatchEncoder | None = None,
+    out_shape: tuple[int, ...] | None = None,
+    out_dtype: Any = np.float32,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """(embeddings float32 [n, D], labels int [n] (-1 where none), images per second) of all of `source`.
 
     Every process calls it with the same source (a collective); each reads
-    only its slice and gets everyone's embeddings.
+    only its slice and gets everyone's embeddings. `encode` replaces
+    `encoders.image_batch` (then each image's output has `out_shape` and
+    `out_dtype`: token-wise, its patch tokens or its class scores' top 5).
     """
+    encode = encode or encoders.image_batch
+    out_shape = out_shape if out_shape is not None else (encoders.model.embed_dim,)
     n = len(source)
     procs, me = jax.process_count(), jax.process_index()
     local_b = encoders.local_batch_size
@@ -101,7 +113,7 @@ def embed_images(
         .batch(local_b, drop_remainder=False)
     )
     it = iter(ds)
-    embeds = np.zeros((n, encoders.model.embed_dim), np.float32)
+    embeds = np.zeros((n, *out_shape), out_dtype)
     labels = np.full((n,), -1, np.int64)
     seen = np.zeros((n,), bool)
     bar = Progress(n, desc, "img", progress)
@@ -113,7 +125,7 @@ def embed_images(
             if batch is not None:
                 k = len(batch["tag"])
                 images[:k], tags[:k] = batch["image"], batch["tag"]
-            emb, out = encoders.image_batch(params, images, tags)
+            emb, out = encode(params, images, tags)
             rows = out[:, 0] >= 0
             idx = out[rows, 0]
             embeds[idx], labels[idx], seen[idx] = emb[rows], out[rows, 1], True

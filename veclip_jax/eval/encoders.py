@@ -10,19 +10,41 @@ each device takes its rows of the global batch from the host copy).
 passes only its own rows, with an int32 tag per row (its example index and
 label), and every process gets the whole global batch's embeddings and tags,
 so no process has to read or decode another's images.
+
+Token-wise mode (`scoring` "tokenwise", the default for a FILIP model: see
+veclip_jax/eval/tokenwise.py): `text_token_batches` / `text_tokens` give the
+texts' tokens in the objective's token space with their validity,
+`image_token_batch` the images' patch tokens, and `zeroshot_batch` encodes a
+batch of images and scores it against class token sets on the devices (the
+image tokens never come back to the host). The pooled encoders stay
+available in either mode (linear probes, `veclip_jax.load`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from veclip_jax.data.image_ops import normalize
+from veclip_jax.eval.tokenwise import (
+    POOLED,
+    SCORE_BLOCK,
+    TOKENWISE,
+    Keys,
+    batch_shards,
+    key_chunk,
+    pad_rows,
+    put,
+    scoring_for,
+    sharded_late_interaction,
+    text_validity,
+)
 from veclip_jax.models.clip import CLIP
 from veclip_jax.parallel.mesh import batch_sharding, replicated
 from veclip_jax.parallel.rules import DEFAULT_RULES, LogicalRules
@@ -38,11 +60,17 @@ class Encoders:
         param_shardings: Any,
         batch_size: int,
         rules: LogicalRules = DEFAULT_RULES,
+        scoring: str | None = None,
     ):
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        shards = batch_shards(mesh)
         if batch_size % shards:
             raise ValueError(f"encoder batch size {batch_size} does not divide over {shards} batch shards")
         self.model, self.mesh, self.rules, self.batch_size = model, mesh, rules, batch_size
+        # How tasks score zero-shot classification and retrieval: from the model's objective by default.
+        self.scoring = scoring or scoring_for(model.objective_spec)
+        if self.scoring not in (POOLED, TOKENWISE):
+            raise ValueError(f"scoring={self.scoring!r}: use {POOLED!r} or {TOKENWISE!r}")
+        self.param_shardings = param_shardings
 
         def encode_image(params: Any, images: jax.Array) -> jax.Array:
             return model.apply({"params": params}, images, method=CLIP.encode_image)
@@ -65,6 +93,25 @@ class Encoders:
         self._text = jax.jit(
             encode_text, in_shardings=(param_shardings, batch_sharding(mesh, 2)), out_shardings=rep
         )
+
+        # Token-wise (compiled on first use only).
+        def image_tokens_tagged(
+            params: Any, images: jax.Array, tags: jax.Array
+        ) -> tuple[jax.Array, jax.Array]:
+            return model.apply({"params": params}, images, method=CLIP.encode_image_tokens), tags
+
+        def text_tokens(params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+            return model.apply({"params": params}, tokens, method=CLIP.encode_text_tokens)
+
+        self._image_tokens = jax.jit(
+            image_tokens_tagged,
+            in_shardings=(param_shardings, batch_sharding(mesh, 4), batch_sharding(mesh, 2)),
+            out_shardings=(rep, rep),
+        )
+        self._text_tokens = jax.jit(
+            text_tokens, in_shardings=(param_shardings, batch_sharding(mesh, 2)), out_shardings=(rep, rep)
+        )
+        self._zeroshot: dict[int, Any] = {}  # class chunk -> jitted encode-and-score
 
     def _run(
         self, fn: Any, params: Any, x: np.ndarray, progress: Callable[[int], None] | None = None
@@ -108,6 +155,18 @@ class Encoders:
             raise ValueError(f"batch size {self.batch_size} does not divide over {jax.process_count()} hosts")
         return self.batch_size // jax.process_count()
 
+    def _global_batch(
+        self, fn: Any, params: Any, images: np.ndarray, tags: np.ndarray, *extra: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        mesh, n = self.mesh, self.batch_size
+        with jax.set_mesh(mesh), nn.logical_axis_rules(self.rules):
+            glob = [
+                jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, (n, *x.shape[1:]))
+                for x in (np.asarray(images, np.float32), np.asarray(tags, np.int32))
+            ]
+            out, out_tags = fn(params, *glob, *extra)
+        return np.asarray(out), np.asarray(out_tags)
+
     def image_batch(self, params: Any, images: np.ndarray, tags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """This process's rows -> (embeddings [batch_size, D], tags [batch_size, k]) of the global batch.
 
@@ -115,11 +174,84 @@ class Encoders:
         [local_batch_size, k] (padding rows are the caller's to mark). Every
         process calls it the same number of times (a collective).
         """
-        mesh, n = self.mesh, self.batch_size
-        with jax.set_mesh(mesh), nn.logical_axis_rules(self.rules):
-            glob = [
-                jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, (n, *x.shape[1:]))
-                for x in (np.asarray(images, np.float32), np.asarray(tags, np.int32))
-            ]
-            emb, out_tags = self._tagged(params, *glob)
-        return np.asarray(emb), np.asarray(out_tags)
+        return self._global_batch(self._tagged, params, images, tags)
+
+    # --- token-wise ------------------------------------------------------------------------------
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        """(patch tokens per image N, token dimension D_tok) of the token-wise encoders."""
+        dim = getattr(self.model.objective_spec, "token_dim", None)
+        if dim is None:
+            raise ValueError(f"objective {self.model.objective_spec.name!r} has no token space")
+        return (self.model.image_size // self.model.patch_size) ** 2, int(dim)
+
+    def image_token_batch(
+        self, params: Any, images: np.ndarray, tags: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """As `image_batch`, with the mapped patch tokens [batch_size, N, D_tok] (unit norm per token)."""
+        return self._global_batch(self._image_tokens, params, images, tags)
+
+    def text_token_batches(
+        self, params: Any, tokens: np.ndarray, progress: Callable[[int], None] | None = None
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(first row, float32 [b, L', D_tok] tokens, bool [b, L'] validity) per batch of `tokens` rows.
+
+        L' is the longest valid row of all of `tokens` (the positions after it
+        are padding in every row); padding positions are zero vectors.
+        """
+        tokens = np.asarray(tokens, np.int32)
+        length = int(text_validity(tokens, self.model.eos_id).sum(axis=1).max(initial=1))
+        n, b, sharding = len(tokens), self.batch_size, batch_sharding(self.mesh, 2)
+        for start in range(0, n, b):
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+                tok, valid = self._text_tokens(params, put(pad_rows(tokens[start : start + b], b), sharding))
+            k = min(b, n - start)
+            yield start, np.asarray(tok)[:k, :length], np.asarray(valid)[:k, :length]
+            if progress is not None:
+                progress(k)
+
+    def text_tokens(
+        self, params: Any, tokens: np.ndarray, progress: Callable[[int], None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """All of `text_token_batches`, concatenated: ([n, L', D_tok], [n, L'])."""
+        parts = list(self.text_token_batches(params, tokens, progress))
+        if not parts:
+            return np.zeros((0, 1, self.token_shape[1]), np.float32), np.zeros((0, 1), bool)
+        return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
+    def put_classes(self, tokens: np.ndarray, valid: np.ndarray, budget: int = SCORE_BLOCK) -> Keys:
+        """Class token sets [C, L, D_tok] (and validity), replicated on the mesh for `zeroshot_batch`
+        (which scores them `budget` floats per device at a time)."""
+        local = self.batch_size // batch_shards(self.mesh)
+        chunk = key_chunk(local, self.token_shape[0], tokens.shape[1], len(tokens), budget)
+        rows = chunk * -(-len(tokens) // chunk)
+        rep = replicated(self.mesh)
+        tok, val = pad_rows(np.asarray(tokens, np.float32), rows), pad_rows(np.asarray(valid, bool), rows)
+        return Keys(put(tok, rep), put(val, rep), len(tokens), chunk)
+
+    def zeroshot_batch(
+        self, params: Any, images: np.ndarray, tags: np.ndarray, classes: Keys
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """As `image_batch`, with each image's late-interaction logits [batch_size, C] against `classes`
+        (image -> class tokens), computed on the devices."""
+        if classes.chunk not in self._zeroshot:
+            mesh, model, rep = self.mesh, self.model, replicated(self.mesh)
+
+            def encode_and_score(params: Any, images: jax.Array, tags: jax.Array, cls: jax.Array,
+                                 cls_valid: jax.Array) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+                tok = model.apply({"params": params}, images, method=CLIP.encode_image_tokens)
+                every = jnp.ones(tok.shape[:2], bool)
+                return sharded_late_interaction(
+                    mesh, tok, every, cls, cls_valid, shard="queries", chunk=classes.chunk
+                ), tags
+
+            batch = (batch_sharding(mesh, 4), batch_sharding(mesh, 2))
+            self._zeroshot[classes.chunk] = jax.jit(
+                encode_and_score,
+                in_shardings=(self.param_shardings, *batch, rep, rep),
+                out_shardings=(rep, rep),
+            )
+        fn = self._zeroshot[classes.chunk]
+        logits, out_tags = self._global_batch(fn, params, images, tags, classes.tokens, classes.valid)
+        return logits[:, : classes.count], out_tags

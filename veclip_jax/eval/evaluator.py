@@ -6,6 +6,11 @@ train state's parameters at every entry's `every` and at the end; the
 standalone `launch/eval.py` builds the same tasks for a loaded model. Results
 are `{task: {metric: value}}`; `flatten` names them `task/metric` for
 eval.jsonl and TensorBoard (e.g. `imagenet/acc1`, `coco/text_retrieval_recall@1`).
+
+How each task scores (`Evaluator.scoring`, in the log and launch/eval.py's
+report) follows the model's objective: token-wise late interaction for FILIP,
+pooled embeddings for every other (veclip_jax/eval/tokenwise.py); the names
+of the metrics are the same.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from veclip_jax.eval.tasks import EvalContext, Task, build_task
+from veclip_jax.eval.tokenwise import DESCRIPTION
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +49,15 @@ class Evaluator:
                             "demo data: skipped", name)  # fmt: skip
                 continue
             task = build_task(name, entry, ctx)
-            log.info("eval %s: %s %s", name, task.kind, task.dataset)
+            how = DESCRIPTION[task.scoring]
+            log.info("eval %s: %s %s, scored with %s", name, task.kind, task.dataset, how)
             tasks.append(task)
         return cls(tasks, every)
+
+    @property
+    def scoring(self) -> dict[str, str]:
+        """task key -> how it scores: tokenwise.POOLED or TOKENWISE."""
+        return {t.key: t.scoring for t in self.tasks}
 
     def period(self, task: Task) -> int:
         return task.entry["every"] or self.every
@@ -71,8 +83,9 @@ class Evaluator:
                 t0 = time.perf_counter()
                 results[task.key] = task.run(params)
                 rate = task.images_per_sec
-                log.info("eval %s: %.1f s, %s", task.name, time.perf_counter() - t0,
-                         f"{rate:.0f} images/s embedding" if rate == rate else "images shared")  # fmt: skip
+                log.info("eval %s: %.1f s, %s, %s scoring", task.name, time.perf_counter() - t0,
+                         f"{rate:.0f} images/s embedding" if rate == rate else "images shared",
+                         task.scoring)  # fmt: skip
         finally:
             for cache in caches.values():  # embeddings of these parameters only
                 cache.clear()

@@ -6,8 +6,10 @@ tokenizer and preprocessing, puts it on a data-parallel mesh over all
 devices (every process of a multi-host job embeds its own slice), builds the
 tasks (a workdir's `config.evals` entries by name, or the standard ones of
 veclip_jax/eval/registry.py) and runs them with the code training uses.
-Process 0 writes one CLIP_benchmark-style JSON file per task, appends the
-metrics to a workdir's eval.jsonl, and returns the paper's table.
+Process 0 writes one CLIP_benchmark-style JSON file per task (with
+`scoring`: "tokenwise" for a FILIP run's zero-shot and retrieval tasks,
+"pooled" otherwise; veclip_jax/eval/tokenwise.py), appends the metrics to a
+workdir's eval.jsonl, and returns the paper's table.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class EvalRun:
     files: list[str]  # the JSON files written (process 0)
     step: int | None  # the checkpoint's step, for our runs
     images_per_sec: dict[str, float]  # task key -> embedding throughput of its last image pass
+    scoring: dict[str, str] = dataclasses.field(default_factory=dict)  # task key -> "tokenwise" / "pooled"
 
 
 def _workdir_of(checkpoint: str) -> str | None:
@@ -104,18 +107,21 @@ def run_tasks(
     demo_files: Sequence[str] = (),
     progress: bool = False,
     devices: Sequence[jax.Device] | None = None,
+    scoring: str | None = None,
 ) -> tuple[dict[str, dict[str, float]], Evaluator]:
     """Runs registry entries for a model given by its (numpy) parameters on a data-parallel mesh.
 
     The mesh spans `devices` (default: all, of every process); the parameters
     are replicated. Every process of a multi-host job calls it alike.
+    `scoring` ("pooled" / "tokenwise") overrides the one the model's objective
+    implies (veclip_jax/eval/tokenwise.py).
     """
     mesh = make_mesh(dict(data=-1, fsdp=1, tensor=1), devices)
     rep = replicated(mesh)
     params = jax.tree.map(
         lambda x: jax.make_array_from_callback(np.shape(x), rep, np.asarray(x).__getitem__), host_params
     )
-    encoders = Encoders(model, mesh, jax.tree.map(lambda _: rep, host_params), batch_size)
+    encoders = Encoders(model, mesh, jax.tree.map(lambda _: rep, host_params), batch_size, scoring=scoring)
     ctx = EvalContext(encoders, tokenizer, preprocess, data_dir, demo_files, progress)
     evaluator = Evaluator.from_entries(entries, ctx)
     if not evaluator.tasks:
@@ -184,6 +190,7 @@ def evaluate(
                 "language": "en",
                 "data": task.dataset,
                 "step": step,
+                "scoring": task.scoring,
             }
             files.append(os.path.join(out, f"{task.key}.json"))
             with open(files[-1], "w") as f:
@@ -192,4 +199,4 @@ def evaluate(
             with open(os.path.join(workdir, EVAL_FILE), "a") as f:
                 f.write(json.dumps({"step": step} | flatten(results)) + "\n")
     rates = {t.key: t.images_per_sec for t in evaluator.tasks}
-    return EvalRun(results, types, table, files, step, rates)
+    return EvalRun(results, types, table, files, step, rates, evaluator.scoring)

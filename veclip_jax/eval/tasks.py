@@ -9,6 +9,11 @@ process its slice) and the texts through the same jitted encoders.
   zeroshot_classification -> acc1, acc5, mean_per_class_recall
   retrieval               -> image_retrieval_recall@k (text->image), text_retrieval_recall@k (image->text)
   linear_probe            -> lp_acc1, lp_acc5, lp_mean_per_class_recall (and the chosen C, `lp_C`)
+
+Scoring (`Task.scoring`): zero-shot classification and retrieval follow the
+encoders' mode, token-wise late interaction for a FILIP model and pooled
+embeddings otherwise (veclip_jax/eval/tokenwise.py); the metric names are the
+same either way. The linear probe always fits the pooled image embeddings.
 """
 
 from __future__ import annotations
@@ -25,11 +30,18 @@ from veclip_jax.data import records
 from veclip_jax.data.tokenizer import HFTokenizer, Tokenizer
 from veclip_jax.eval import datasets, registry
 from veclip_jax.eval.classnames import CLIP_TEMPLATES, load_classnames, load_templates
-from veclip_jax.eval.embed import Preprocess, Progress, embed_images
+from veclip_jax.eval.embed import BatchEncoder, Preprocess, Progress, embed_images
 from veclip_jax.eval.encoders import Encoders
 from veclip_jax.eval.linear_probe import linear_probe
-from veclip_jax.eval.retrieval import retrieval_recall
-from veclip_jax.eval.zeroshot import class_embeddings, zeroshot_metrics
+from veclip_jax.eval.retrieval import retrieval_recall, tokenwise_retrieval_recall
+from veclip_jax.eval.tokenwise import POOLED, TOKENWISE, TokenScorer, class_token_sets
+from veclip_jax.eval.zeroshot import (
+    class_embeddings,
+    classification_metrics,
+    prompts,
+    top_k,
+    zeroshot_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +80,11 @@ class Task:
         self.images_per_sec = float("nan")  # of the last run's embedding
 
     @property
+    def scoring(self) -> str:
+        """How this task scores: tokenwise.POOLED or TOKENWISE (the encoders' mode; a probe: pooled)."""
+        return self.ctx.encoders.scoring
+
+    @property
     def root(self) -> str:
         return os.path.expanduser(self.entry["data_dir"] or self.ctx.data_dir)
 
@@ -104,19 +121,37 @@ class Task:
         return data
 
     def embed(
-        self, params: Any, data: datasets.ClassificationData | datasets.RetrievalData, what: str
+        self,
+        params: Any,
+        data: datasets.ClassificationData | datasets.RetrievalData,
+        what: str,
+        *,
+        tokens: bool = False,
+        encode: BatchEncoder | None = None,
+        out_shape: tuple[int, ...] | None = None,
+        out_dtype: Any = np.float32,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(embeddings, labels) of the data's images (the first max_examples), shared between tasks."""
+        """(embeddings, labels) of the data's images (the first max_examples), shared between tasks.
+
+        `tokens`: each image's patch tokens [N, D_tok] instead (token-wise
+        scoring), shared likewise. `encode` (with `out_shape`, `out_dtype`):
+        any other per-image output of the images (see `embed_images`), not shared.
+        """
         n = self.entry["max_examples"]
         source = datasets.head(data.source, n)
         labels = getattr(data, "labels", None)
-        key = (data.images_key, len(source)) if data.images_key is not None else None
+        key = (data.images_key, len(source), tokens) if data.images_key is not None else None
+        if encode is not None:
+            key = None
+        elif tokens:
+            encode, out_shape = self.ctx.encoders.image_token_batch, self.ctx.encoders.token_shape
         if key in self.ctx.cache and (labels is not None or isinstance(data, datasets.RetrievalData)):
             self.images_per_sec = float("nan")
             return self.ctx.cache[key], (labels[: len(source)] if labels is not None else None)
         emb, labels, rate = embed_images(
             self.ctx.encoders, params, source, self.ctx.preprocess,
             desc=f"{self.key} {what}", progress=self.ctx.progress,
+            encode=encode, out_shape=out_shape, out_dtype=out_dtype,
         )  # fmt: skip
         self.images_per_sec = rate
         if key is not None:
@@ -130,12 +165,27 @@ class Task:
         finally:
             bar.close()
 
+    def encode_text_tokens(
+        self, params: Any, texts: Sequence[str], what: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The texts' tokens [n, L', D_tok] and validity [n, L'] (token-wise scoring)."""
+        bar = Progress(len(texts), f"{self.key} {what}", "text", self.ctx.progress)
+        try:
+            return self.ctx.encoders.text_tokens(params, self.ctx.tokenizer.encode_batch(texts), bar.update)
+        finally:
+            bar.close()
+
     def run(self, params: Any) -> dict[str, float]:
         raise NotImplementedError
 
 
 class ZeroShotClassification(Task):
-    """CLIP's zero-shot classifier: class embeddings from every template, images by cosine similarity."""
+    """CLIP's zero-shot classifier: class embeddings from every template, images by cosine similarity.
+
+    Token-wise (FILIP): class token sets from every template, images by
+    image -> text late interaction, scored on the devices as they are encoded
+    (veclip_jax/eval/tokenwise.py).
+    """
 
     def __init__(self, name: str, entry: Mapping[str, Any], ctx: EvalContext):
         super().__init__(name, entry, ctx)
@@ -145,15 +195,40 @@ class ZeroShotClassification(Task):
         self.dataset = self.data.description
 
     def run(self, params: Any) -> dict[str, float]:
+        if self.scoring == TOKENWISE:
+            return self.run_tokenwise(params)
         classes = class_embeddings(
             lambda t: self.encode_texts(params, t, "prompts"), self.data.classnames, self.templates
         )
         emb, labels = self.embed(params, self.data, "images")
         return zeroshot_metrics(emb, classes, labels)
 
+    def class_token_sets(self, params: Any) -> tuple[np.ndarray, np.ndarray]:
+        """([classes, L, D_tok], [classes, L]): every template's prompt tokens averaged per class."""
+        names, templates = self.data.classnames, self.templates
+        rows = self.ctx.tokenizer.encode_batch(prompts(names, templates))
+        bar = Progress(len(rows), f"{self.key} prompts", "text", self.ctx.progress)
+        try:
+            batches = self.ctx.encoders.text_token_batches(params, rows, bar.update)
+            return class_token_sets(batches, len(names), len(templates))
+        finally:
+            bar.close()
+
+    def run_tokenwise(self, params: Any) -> dict[str, float]:
+        encoders, n_classes = self.ctx.encoders, len(self.data.classnames)
+        classes = encoders.put_classes(*self.class_token_sets(params))
+        k = min(5, n_classes)
+
+        def top5(p: Any, images: np.ndarray, tags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            logits, out = encoders.zeroshot_batch(p, images, tags, classes)
+            return top_k(logits, k), out
+
+        top, labels = self.embed(params, self.data, "images", encode=top5, out_shape=(k,), out_dtype=np.int64)
+        return classification_metrics(top, labels, n_classes)
+
 
 class Retrieval(Task):
-    """Image <-> text recall@k over every image and all its captions."""
+    """Image <-> text recall@k over every image and all its captions (token-wise for FILIP)."""
 
     def __init__(self, name: str, entry: Mapping[str, Any], ctx: EvalContext):
         super().__init__(name, entry, ctx)
@@ -170,13 +245,24 @@ class Retrieval(Task):
         caps = self.data.captions[:n]
         texts = [c for cs in caps for c in cs]
         owner = np.repeat(np.arange(n), [len(cs) for cs in caps])
+        ks = tuple(self.entry["recall_at"])
+        if self.scoring == TOKENWISE:
+            text_tok, valid = self.encode_text_tokens(params, texts, "captions")
+            image_tok, _ = self.embed(params, self.data, "images", tokens=True)
+            scorer = TokenScorer(self.ctx.encoders.mesh)
+            return tokenwise_retrieval_recall(scorer, image_tok, text_tok, valid, owner, ks)
         text_emb = self.encode_texts(params, texts, "captions")
         image_emb, _ = self.embed(params, self.data, "images")
-        return retrieval_recall(image_emb, text_emb, owner, tuple(self.entry["recall_at"]))
+        return retrieval_recall(image_emb, text_emb, owner, ks)
 
 
 class LinearProbe(Task):
-    """Logistic regression on frozen image features (veclip_jax/eval/linear_probe.py)."""
+    """Logistic regression on frozen image features (veclip_jax/eval/linear_probe.py): the pooled,
+    L2-normalised embeddings, whatever the model's objective (a FILIP model's too)."""
+
+    @property
+    def scoring(self) -> str:
+        return POOLED
 
     def __init__(self, name: str, entry: Mapping[str, Any], ctx: EvalContext):
         super().__init__(name, entry, ctx)

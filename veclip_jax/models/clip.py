@@ -113,6 +113,27 @@ class CLIP(nn.Module):
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         return _l2_normalize(self.text_projection(self.text_model(tokens)))
 
+    # Token-wise evaluation (veclip_jax/eval/tokenwise.py): the towers' tokens mapped by the objective's
+    # heads into its token space (FILIP's image_mapping / text_mapping), L2-normalised per token. Only for
+    # an objective whose heads map "view_tokens" and "text_tokens" to "image_tokens" / "text_tokens"
+    # (FILIP); each call runs one tower and gives the other mapping an empty input.
+
+    def encode_image_tokens(self, images: jax.Array) -> jax.Array:
+        """float32 [B, N, D_tok]: the mapped patch tokens (no class token), unit norm per token."""
+        _, tokens = self.vision_model(images, return_tokens=True)
+        empty = jnp.zeros((tokens.shape[0], 0, self.text.width), tokens.dtype)
+        return _l2_normalize(self.objective({"view_tokens": (tokens,), "text_tokens": empty})["image_tokens"])
+
+    def encode_text_tokens(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(float32 [B, L, D_tok] mapped text tokens, unit norm per token and zero at padding;
+        bool [B, L] validity: the caption through its end-of-text token, as `train_outputs`' text_valid)."""
+        _, x = self.text_model(tokens, return_tokens=True)
+        empty = jnp.zeros((x.shape[0], 0, self.vision.width), x.dtype)
+        mapped = self.objective({"view_tokens": (empty,), "text_tokens": x})["text_tokens"]
+        eot = jnp.argmax(tokens == self.eos_id, axis=-1)
+        valid = jnp.arange(tokens.shape[1])[None, :] <= eot[:, None]
+        return jnp.where(valid[..., None], _l2_normalize(mapped), 0.0), valid
+
     def scale(self) -> jax.Array:
         return jnp.minimum(jnp.exp(self.logit_scale), self.logit_scale_max)
 

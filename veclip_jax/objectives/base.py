@@ -43,6 +43,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 Outputs = Mapping[str, Any]
@@ -53,6 +54,12 @@ OBJECTIVE_PARAMS = "objective"
 
 # Extras the input pipeline knows how to supply (data/pipeline.py).
 BATCH_EXTRAS = ("views", "no_image", "tokens_eda", "tokens_mlm", "mlm_labels")
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Rows of `x` scaled to unit length, in float32 (`eps` guards a zero row)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 class TowerDims(NamedTuple):

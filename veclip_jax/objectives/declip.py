@@ -24,6 +24,10 @@
   rows only: a global queue of N rows holds the last N / (2 B) steps of the
   whole batch (toolkit: 2**16 / (2 * 128) = 256 steps of each GPU's rows).
 
+`DeclipObjective` puts them through the seam (objectives/base.py): its heads
+(`DeclipHeads`: SimSiam projector and predictor, the MLM predictor), its
+state (the queue) and the toolkit's weights.
+
 Everything is a pure function of global arrays. The contrastive terms take a
 `mesh` and then score local rows against all-gathered columns inside
 `shard_map`, like clip.py, so value and gradient do not depend on the mesh;
@@ -47,16 +51,9 @@ from jax.sharding import PartitionSpec as P
 
 from veclip_jax.defaults import BATCH_AXES
 from veclip_jax.models.layers import with_axes
-from veclip_jax.objectives.base import Objective, TowerDims
+from veclip_jax.objectives.base import Objective, TowerDims, l2_normalize
 from veclip_jax.objectives.clip import clip_loss
 from veclip_jax.objectives.heads import MLP
-
-
-def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """Rows of `x` scaled to unit length, in float32 (`eps` guards a zero row)."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
-
 
 # --- image self-supervision ---------------------------------------------------------------------
 
@@ -78,7 +75,7 @@ def simsiam_loss(p1: jax.Array, p2: jax.Array, z1: jax.Array, z2: jax.Array) -> 
     z2 = jax.lax.stop_gradient(z2)
 
     def cos(p: jax.Array, z: jax.Array) -> jax.Array:
-        return jnp.mean(jnp.sum(_l2_normalize(p) * _l2_normalize(z), axis=-1))
+        return jnp.mean(jnp.sum(l2_normalize(p) * l2_normalize(z), axis=-1))
 
     return -0.5 * (cos(p1, z2) + cos(p2, z1))
 
@@ -119,7 +116,7 @@ def queue_init(rng: jax.Array, size: int, dim: int) -> dict[str, jax.Array]:
 
     The toolkit seeds its bank the same way (normalised Gaussian vectors).
     """
-    queue = _l2_normalize(jax.random.normal(rng, (size, dim), jnp.float32))
+    queue = l2_normalize(jax.random.normal(rng, (size, dim), jnp.float32))
     return {"queue": queue, "ptr": jnp.zeros((), jnp.int32)}
 
 
@@ -143,7 +140,7 @@ def queue_nearest(queue: jax.Array, x: jax.Array) -> jax.Array:
     inputs of the scores to bfloat16, so near-ties may resolve differently
     than in float32; the toolkit's bank is float16.)
     """
-    scores = _l2_normalize(x) @ _l2_normalize(queue).T  # [B, N]
+    scores = l2_normalize(x) @ l2_normalize(queue).T  # [B, N]
     index = jnp.argmax(scores, axis=-1)  # first maximum: the lowest index on ties
     return jnp.take(jax.lax.stop_gradient(queue), index, axis=0)
 
@@ -161,7 +158,7 @@ def queue_push(state: dict[str, jax.Array], x: jax.Array) -> dict[str, jax.Array
     """
     queue, ptr = jnp.asarray(state["queue"]), jnp.asarray(state["ptr"], jnp.int32)
     size = queue.shape[0]
-    rows = _l2_normalize(jax.lax.stop_gradient(x)).astype(queue.dtype)
+    rows = l2_normalize(jax.lax.stop_gradient(x)).astype(queue.dtype)
     skip = max(rows.shape[0] - size, 0)  # rows overwritten within this very push
     rows = rows[skip:]
     index = (ptr + skip + jnp.arange(rows.shape[0], dtype=jnp.int32)) % size  # distinct: len <= size

@@ -43,6 +43,11 @@ value-and-gradient on 32 devices reports 704 MiB of temporaries per device
 (5.2 GiB without the remat, 10.5 GiB with an all-gather instead of the ring).
 
 `filip_logits` gives the [B, B] logits themselves (row-sharded on a mesh).
+
+Through the seam (objectives/base.py): `FilipObjective` (FilipHeads map the
+towers' patch tokens and every text position to the token space and own the
+dense temperature) and `DefilipObjective` (DeCLIP's objective with FILIP's
+term between view 1 and the masked caption added).
 """
 
 from __future__ import annotations

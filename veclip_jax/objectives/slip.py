@@ -1,4 +1,8 @@
-"""SLIP's image self-supervision term: SimCLR's NT-Xent over the global batch.
+"""SLIP (Mu et al., 2022): CLIP + SimCLR's NT-Xent on two augmented views, over the global batch.
+
+`SlipObjective` (the seam's objective): CLIP's loss on the standard crop plus
+`ssl_weight` x NT-Xent between the two MoCoV2 views' SimCLR embeddings (an MLP
+head, `SlipHeads`, on each view's pre-projection class token). The term:
 
 For two views z1, z2 [B, D] of the same B images, L2-normalised (in float32),
 every one of the 2B embeddings is an anchor. Its positive is the other view
@@ -35,15 +39,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from veclip_jax.defaults import BATCH_AXES
-from veclip_jax.objectives.base import Objective, TowerDims
+from veclip_jax.objectives.base import Objective, TowerDims, l2_normalize
 from veclip_jax.objectives.clip import clip_loss
 from veclip_jax.objectives.heads import MLP
-
-
-def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """Rows of `x` scaled to unit length, in float32 (`eps` guards a zero row)."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 def _terms(
@@ -95,8 +93,8 @@ def nt_xent_loss(
       "ssl_loss" (the same value) and "ssl_accuracy" (the fraction of the 2B
       anchors whose positive is the largest of their 2B - 1 logits).
     """
-    a = _l2_normalize(z1)
-    b = _l2_normalize(z2)
+    a = l2_normalize(z1)
+    b = l2_normalize(z2)
     inv_tau = 1.0 / jnp.asarray(temperature, jnp.float32)
     batch = a.shape[0]
     if mesh is None:

@@ -320,6 +320,7 @@ class TrainedParams:
     params: Any  # on one device
     checkpoint: str  # the step directory read
     objective: str = "clip"  # config.objective.name of the run (its heads are in params["objective"])
+    objective_config: Any = None  # the run's config.objective (None: CLIP), to build the model with its heads
 
 
 def load_trained_params(path: str, step: int | None = None) -> TrainedParams:
@@ -338,4 +339,4 @@ def load_trained_params(path: str, step: int | None = None) -> TrainedParams:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
     params, meta = restore_params(path, abstract, step=meta["step"])
     name = objective_cfg.name if objective_cfg else "clip"
-    return TrainedParams(model_cfg, params, meta["checkpoint"], name)
+    return TrainedParams(model_cfg, params, meta["checkpoint"], name, objective_cfg)
