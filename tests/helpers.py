@@ -45,3 +45,35 @@ def multihost_loop_config(demo_cache: str):
     c = tiny_run_config(demo_cache, total_steps=6, checkpoint_every=3, eval_every=3)
     c.mesh.update(data=2, fsdp=4, tensor=1)
     return c
+
+
+def host_copy(tree):
+    """A host (numpy) copy of every leaf: the train step donates its input state, so compare copies."""
+    import jax
+
+    return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+
+
+def differing_leaves(a, b) -> list[str]:
+    """The paths of the leaves of two same-structured trees that are not bitwise equal."""
+    import jax
+
+    flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+    flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+    assert tree_a == tree_b, (tree_a, tree_b)
+    return [
+        jax.tree_util.keystr(path)
+        for (path, x), (_, y) in zip(flat_a, flat_b, strict=True)
+        if np.asarray(x).dtype != np.asarray(y).dtype or not np.array_equal(x, y, equal_nan=True)
+    ]
+
+
+def logged_metrics(workdir: str) -> list[dict]:
+    """The lines of a run's metrics.jsonl, checked to be one per step from step 1."""
+    import os
+
+    from veclip_jax.train.metrics import read_jsonl
+
+    lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [m["step"] for m in lines] == list(range(1, len(lines) + 1))
+    return lines

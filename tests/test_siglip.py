@@ -178,8 +178,8 @@ def test_siglip_gradient_accumulation_equals_the_large_batch(batches):
 
 def test_unknown_objective_is_refused_naming_the_field():
     config = tiny_config()
-    config.objective.name = "declip"
-    with pytest.raises(ConfigError, match=r"config\.objective\.name='declip'"):
+    config.objective.name = "moco"
+    with pytest.raises(ConfigError, match=r"config\.objective\.name='moco'"):
         validate_config(config, num_devices=8)
 
 

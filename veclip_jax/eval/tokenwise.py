@@ -21,18 +21,20 @@ text,
 the training loss's definitions (filip.py) without its top-k token selection
 (the toolkit's evaluation keeps every token).
 
-- Zero-shot: each class's token set is built as the toolkit builds it: every
-  template's prompt is encoded to tokens (normalised per token), the prompts
-  are averaged position by position, a position over the prompts where it is
-  valid (a position no prompt reaches is invalid), and each averaged token is
-  normalised again: [L, D_tok] per class. An image's logit for a class is the
-  image -> text late interaction with the class's token set.
+- Zero-shot: each class's token set is built as the toolkit builds it, with
+  padding masked: every template's prompt is encoded to tokens (normalised
+  per token), the prompts are averaged position by position, a position over
+  the prompts where it is valid (a position no prompt reaches is invalid; the
+  toolkit averages the padding in), and each averaged token is normalised
+  again: [L, D_tok] per class. An image's logit for a class is the image ->
+  text late interaction with the class's token set.
 - Retrieval: image -> text (the papers' I2T) ranks texts by image -> text late
   interaction, text -> image (T2I) ranks images by text -> image late
   interaction; recall@k as for pooled embeddings (retrieval.py).
-- Linear probe: always the pooled, L2-normalised image embeddings (a probe on
-  token sets is not FILIP's protocol, and the pooled features are what every
-  objective shares).
+- Linear probe: always the pooled, L2-normalised image embeddings, for FILIP
+  too (a probe fits one feature vector per image). A FILIP run does not train
+  its pooled projection (loss weight 0), so its probe measures the towers
+  through an untrained head.
 
 Memory (bounded by construction; figures for ViT-B/32 at 224 px, N = 49,
 D_tok = 256, float32; B/16 has N = 196, four times the image figures):

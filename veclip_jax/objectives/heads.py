@@ -2,8 +2,9 @@
 
 Every kernel names logical axes ("embed" for an input width, "mlp" for a hidden
 width, "vocab", "proj" for a head's output), so the one set of sharding rules
-places heads like the towers. Heads are used only in training: export drops
-them (hf/to_hf.py) and evaluation never runs them.
+places heads like the towers. Heads serve training: export drops them
+(hf/to_hf.py), and evaluation runs only FILIP's token mappings (its
+token-wise scoring, eval/tokenwise.py).
 
 Batch normalisation in the heads (SLIP's SimCLR MLP, DeCLIP's SimSiam) uses
 the statistics of the *global* batch, on every step, and keeps no running
@@ -12,7 +13,7 @@ SyncBN): per-GPU statistics would make the loss depend on how the batch is
 split over devices, which we refuse (the same math on any mesh). Under jit the
 mean over the sharded batch axis is a global reduction that XLA inserts, so
 this is SyncBN at no extra code. No running statistics are needed because the
-heads are never evaluated.
+batch-normalised heads are never evaluated.
 """
 
 from __future__ import annotations
