@@ -309,11 +309,23 @@ def test_loss_falls_on_the_demo_data(trained, name):
     losses = [m["loss"] for m in lines]
     assert len(losses) == RUN_STEPS and all(math.isfinite(x) for x in losses), losses
     assert set(TERMS[name]) <= set(lines[-1])  # the loop logs the objective's metrics by name
+    # Measured (mean of the last 5 / of the first 5): SLIP 0.82, DeCLIP 0.77, FILIP 0.79, DeFILIP 0.78.
+    # FILIP's token-wise term learns slowly on the tiny towers: its fall is from the warm-up's rise back
+    # to about chance (2.83 for log 16 = 2.77) in these 30 steps.
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < 0.9 * first, losses
 
 
 # --- 5: init_from -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_the_heads_live_under_params_objective_and_the_rest_is_clips_tree(name):
+    """What init_from starts fresh and export drops is params["objective"]: nothing else may be a head."""
+    config = _run_config(name)
+    params = abstract_params(build_model(config.model, objective_cfg=config.objective))
+    clip = abstract_params(build_model(config.model))
+    assert params["objective"] and jax.tree.structure(_towers(params)) == jax.tree.structure(clip)
 
 
 def _initial_state(config, workdir: str, monkeypatch) -> TrainState:

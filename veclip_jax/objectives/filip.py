@@ -388,7 +388,9 @@ class DefilipObjective(DeclipObjective):
     needs: tuple[str, ...] = (*DeclipObjective.needs, "view_tokens", "text_valid")
 
     def heads(self, dims: TowerDims) -> DefilipHeads:
-        filip = FilipHeads(self.token_dim, self.dense_scale_init, text_input="mlm", name="filip")
+        # Unnamed: DefilipHeads adopts it as objective/filip (given a name here, flax would bind it to the
+        # module being set up, the model, putting its parameters at the top of the tree beside the towers).
+        filip = FilipHeads(self.token_dim, self.dense_scale_init, text_input="mlm")
         return DefilipHeads(DeclipObjective.heads(self, dims), filip)
 
     def weights(self) -> dict[str, float]:
