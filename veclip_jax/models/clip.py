@@ -252,13 +252,16 @@ def dummy_inputs(model: CLIP, batch: int = 1) -> tuple[jax.Array, jax.Array]:
 def input_shapes(model: CLIP, batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
     """(shape, dtype) of every training input the model's objective reads, for a batch of `batch`.
 
-    "image" [B, S, S, 3] and "tokens" [B, L] always (the image is unused by
-    objectives that read views only), "views" [B, V, S, S, 3] and the extra
-    token rows [B, L] when the objective reads them (objectives/base.py).
+    "tokens" [B, L] always, "image" [B, S, S, 3] unless the objective reads
+    the views only ("no_image"), "views" [B, V, S, S, 3] and the extra token
+    rows [B, L] when the objective reads them (objectives/base.py): what the
+    input pipeline gives and train/step.py `batch_inputs` takes.
     """
     s, length = model.image_size, model.context_length
-    out = {"image": ((batch, s, s, 3), jnp.float32), "tokens": ((batch, length), jnp.int32)}
     spec = model.objective_spec
+    out = {"tokens": ((batch, length), jnp.int32)}
+    if "no_image" not in spec.batch_keys:
+        out["image"] = ((batch, s, s, 3), jnp.float32)
     if spec.views:
         out["views"] = ((batch, spec.views, s, s, 3), jnp.float32)
     for key in ("tokens_eda", "tokens_mlm", "mlm_labels"):
