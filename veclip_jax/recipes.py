@@ -163,8 +163,9 @@ def paper_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict
     return c
 
 
-def local_variant(run: Run) -> ml_collections.ConfigDict:
-    """The run's code path on a CPU: tiny towers, the demo data, a few steps, the same caption mix."""
+def local_base(size: str) -> ml_collections.ConfigDict:
+    """What every `:local` variant shares: tiny towers on the demo data, 3 steps of 16 on a CPU, and
+    the mesh rules of the real towers (`size`), shown and checked, applied only with a hardware name."""
     c = defaults.get_config("tiny")
     c.batch_size = 16
     c.total_steps = 3
@@ -175,6 +176,12 @@ def local_variant(run: Run) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 1
     c.data.num_threads = 2
     c.data.prefetch = 2
+    c.mesh_rules = mesh_rules(size)
+    return c
+
+
+def local_variant(run: Run) -> ml_collections.ConfigDict:
+    """The run's code path on a CPU: tiny towers, the demo data, a few steps, the same caption mix."""
+    c = local_base(run.size)
     c.data.vecap_prob = max(vecap_prob for _, _, vecap_prob in run.sources)
-    c.mesh_rules = mesh_rules(run.size)  # shown and checked, applied only with a hardware name
     return c

@@ -52,7 +52,7 @@ import ml_collections
 
 from veclip_jax import defaults
 from veclip_jax.eval import registry
-from veclip_jax.recipes import mesh_rules
+from veclip_jax.recipes import local_base, mesh_rules
 
 BATCH_SIZE = 4_096
 TOTAL_STEPS = 128_001
@@ -136,21 +136,12 @@ def tiny_objective(c: ml_collections.ConfigDict, objective: str) -> None:
 def local_variant(objective: str) -> ml_collections.ConfigDict:
     """The objective's code path on a CPU: tiny towers, the demo data's AltTexts, a few steps."""
     peak, weight_decay, _ = RECIPES[objective]
-    c = defaults.get_config("tiny")
+    c = local_base("B/32")
     tiny_objective(c, objective)
-    c.batch_size = 16
-    c.total_steps = 3
-    c.log_every = 1
-    c.checkpoint_every = 0  # the last step only
-    c.eval_every = 3
-    c.eval_batch_size = 64
-    c.optim.update(warmup_steps=1, warmup_init_lr=min(WARMUP_INIT_LR, peak), learning_rate=peak)
+    c.optim.update(warmup_init_lr=min(WARMUP_INIT_LR, peak), learning_rate=peak)
     c.optim.update(b1=0.9, b2=0.98, eps=1e-8, weight_decay=weight_decay)
     c.data.vecap_prob = 0.0
     c.data.crop_scale = (0.5, 1.0)
-    c.data.num_threads = 2
-    c.data.prefetch = 2
-    c.mesh_rules = mesh_rules("B/32")  # shown and checked, applied only with a hardware name
     return c
 
 
