@@ -6,6 +6,7 @@ import io
 import json
 import math
 import tarfile
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -148,6 +149,11 @@ def test_streamed_resume_with_another_worker_count_is_refused_naming_the_field(c
     c.data.num_workers = 2
     with pytest.raises(pipeline.InputStateError, match=r"config.data.num_workers=2.*data.num_workers=0"):
         _take(c, 1, state)
+    # A position saved by the earlier reader (grain's threaded interleave: no "streamed_reader") is refused.
+    c.data.num_workers = 0
+    del state["streamed_reader"]
+    with pytest.raises(pipeline.InputStateError, match=r"earlier veclip-jax reader"):
+        _take(c, 1, state)
 
 
 # --- mixtures --------------------------------------------------------------------------------------
@@ -235,12 +241,14 @@ def bad_corpus(corpus):
         whole[: len(whole) // 2 + 100]
     )  # truncated: 2 samples, then unreadable_file
     (root / "bad-3.tar").write_bytes(b"")  # zero bytes: unreadable_file
+    _tar(root / "bad-4.tar", [])  # no members (img2dataset: a shard of failed downloads): empty_file
     table = pa.table({
         "jpg": [jpeg, None, jpeg, b"garbage", jpeg],
         "caption": ["a blue square", "no image", None, "bad image", "another one"],
     })  # fmt: skip
     pq.write_table(table, root / "bad-0.parquet")
     (root / "bad-1.parquet").write_bytes(b"")  # zero bytes: unreadable_file
+    pq.write_table(table.slice(0, 0), root / "bad-2.parquet")  # no rows: empty_file
     return {"t": str(root / "bad-*.tar"), "p": str(root / "bad-*.parquet")}
 
 
@@ -248,11 +256,12 @@ def test_bad_data_of_every_format_is_skipped_and_counted_per_reason_and_source(c
     c = _config(corpus, sources={"t": dict(files=bad_corpus["t"]), "p": dict(files=bad_corpus["p"])},
                 max_bad_fraction=1.0)  # fmt: skip
     c.batch_size = 4
-    # Per epoch: t gives 8 + 2 good, p gives 2 good; 15 skips. Read four epochs' worth of good examples.
+    # Per epoch: t gives 8 + 2 good, p gives 2 good; 17 skips. Read four epochs' worth of good examples.
     batches, _, counts = _take(c, 12)
     t_per_epoch = {"missing_image": 1, "undecodable_image": 1, "bad_caption": 1, "empty_caption": 1,
-                   "bad_record": 1, "unreadable_file": 2}  # fmt: skip
-    p_per_epoch = {"missing_image": 1, "empty_caption": 1, "undecodable_image": 1, "unreadable_file": 1}
+                   "bad_record": 1, "unreadable_file": 2, "empty_file": 1}  # fmt: skip
+    p_per_epoch = {"missing_image": 1, "empty_caption": 1, "undecodable_image": 1, "unreadable_file": 1,
+                   "empty_file": 1}  # fmt: skip
     epochs = {e for _, e, _ in _ids(batches)}
     assert len(epochs) >= 2
     for name, per_epoch in (("t", t_per_epoch), ("p", p_per_epoch)):
@@ -265,6 +274,25 @@ def test_bad_data_of_every_format_is_skipped_and_counted_per_reason_and_source(c
     c.data.bad_window = 20
     with pytest.raises(TooManyBadRecordsError, match="bad_window=20"):
         _take(c, 12)
+
+
+def test_a_source_of_only_empty_files_fails_as_too_bad_instead_of_stalling(corpus, tmp_path):
+    for f in range(3):
+        _tar(tmp_path / f"empty-{f}.tar", [])
+    c = _config(corpus, str(tmp_path / "empty-*.tar"), bad_window=20)
+    outcome = []
+
+    def take():
+        try:
+            _take(c, 1)
+        except TooManyBadRecordsError as e:
+            outcome.append(e)
+
+    reader = threading.Thread(target=take, daemon=True)
+    reader.start()
+    reader.join(timeout=120)
+    assert not reader.is_alive(), "the reader stalls on a source whose files hold no samples"
+    assert outcome and "empty_file" in str(outcome[0])
 
 
 # --- configuration ---------------------------------------------------------------------------------

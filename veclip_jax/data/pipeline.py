@@ -86,7 +86,10 @@ if TYPE_CHECKING:  # not imported at run time: worker processes unpickle this mo
 # image; "missing_image": a sample without an image (tar member, Parquet
 # cell); "bad_caption": a caption that is not UTF-8 text; "unreadable_file": a
 # tar or Parquet file that cannot be opened or is damaged part-way (counted
-# once, where the damage shows).
+# once, where the damage shows); "empty_file": a readable tar or Parquet file
+# without a sample (img2dataset writes one for a shard whose downloads all
+# failed; counted once, and a source of only such files fails as too bad
+# instead of reading them round forever).
 BAD_REASONS = (
     "bad_record",
     "empty_caption",
@@ -94,9 +97,13 @@ BAD_REASONS = (
     "missing_image",
     "bad_caption",
     "unreadable_file",
+    "empty_file",
 )
 _REASON_INDEX = {r: i for i, r in enumerate(BAD_REASONS)}
 STATE_VERSION = 2
+# The layout of a streamed pipeline's state (sources.py's lane iterators); 1 was grain's threaded
+# InterleaveIterDataset and WindowShuffleIterDataset, whose states these do not read.
+STREAMED_READER = 2
 
 log = logging.getLogger(__name__)
 
@@ -612,6 +619,7 @@ class TrainIterator(grain.DatasetIterator):
             state["next_residue"] = self._next_residue()
         else:
             state["pipeline"] = self._parent.get_state()
+            state["streamed_reader"] = STREAMED_READER
         return state
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -629,6 +637,11 @@ class TrainIterator(grain.DatasetIterator):
         if self._positional:
             self._resume_positions(state, saved)
         else:
+            if state.get("streamed_reader", 1) != STREAMED_READER:
+                raise InputStateError(
+                    "the saved position of the streamed (tar, Parquet) input is from an earlier veclip-jax "
+                    "reader; resume with the version that saved it, or start the run in a new workdir"
+                )
             for field in ("num_workers", "num_threads"):
                 if saved[field] != self._layout[field]:
                     raise InputStateError(
@@ -1032,7 +1045,8 @@ def make_train_iterator(
     def build_streamed(start: dict[str, Any] | None) -> grain.DatasetIterator:
         del start  # streamed pipelines restore grain's own state
         make_lane = _MakeLane(specs, preprocess, process_index, process_count, lanes, int(d.shuffle_buffer))
-        return finish(_LanesIterDataset(make_lane, lanes, buffer=4))
+        # Each lane decodes up to 16 examples ahead, as the ArrayRecord path's reader threads do.
+        return finish(_LanesIterDataset(make_lane, lanes, buffer=16))
 
     return TrainIterator(
         build_streamed if streamed else build_positional,
