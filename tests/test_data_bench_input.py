@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import time
 import types
 
 from veclip_jax.bench import input as bench_input
@@ -52,6 +55,19 @@ def test_input_benchmark_prints_a_rate_per_format_and_source_count(demo_cache, c
     bench_input.main(["--seconds=0.2", "--datasets=formats", "--num_photos=8", "--workers=0",
                       f"--cache_dir={demo_cache}"])  # fmt: skip
     out = capsys.readouterr().out
-    rows = re.findall(r"^(.+?) +in-process, 1 thread +(\d+)$", out, flags=re.M)
-    assert [label for label, _ in rows] == [label for label, _ in bench_input.FORMAT_ROWS]
-    assert all(int(rate) > 0 for _, rate in rows)
+    rows = re.findall(r"^(.+?) +in-process, 1 thread +(\d+) +([\d.]+)$", out, flags=re.M)
+    assert [label for label, _, _ in rows] == [label for label, _ in bench_input.FORMAT_ROWS]
+    assert all(int(rate) > 0 and float(cpu) > 0 for _, rate, cpu in rows)
+
+
+def test_cpu_time_counts_the_worker_processes():
+    # The pipeline's work is in its worker processes: a child busy while this process sleeps counts.
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.6: pass\ntime.sleep(30)"])  # fmt: skip
+    try:
+        c0 = bench_input._cpu_seconds()
+        time.sleep(1.5)  # the child burns 0.6 s of CPU, then sleeps (still alive, still counted)
+        assert bench_input._cpu_seconds() - c0 > 0.4
+    finally:
+        child.kill()
+        child.wait()

@@ -279,7 +279,11 @@ def _local_run(objective: str, demo_cache: str, workdir: str):
     return loop.train(config, workdir)
 
 
-@pytest.mark.parametrize("objective, scoring", [("filip", TOKENWISE), ("clip", POOLED)])
+@pytest.mark.parametrize(
+    "objective, scoring",
+    # A CLIP run's pooled scoring is what every other evaluation test runs: the CLIP row is slow.
+    [("filip", TOKENWISE), pytest.param("clip", POOLED, marks=pytest.mark.slow)],
+)
 def test_a_filip_local_run_is_evaluated_tokenwise_and_a_clip_run_pooled(objective, scoring, demo_cache,
                                                                          tmp_path):  # fmt: skip
     import veclip_jax

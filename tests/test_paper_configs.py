@@ -50,7 +50,14 @@ def test_a_paper_config_states_the_papers_numbers_and_its_recipe(name):
     assert config.model.vision.width == defaults.MODEL_SIZES[run.size]["vision"]["width"]
 
 
-@pytest.mark.parametrize("name", PAPER)
+# The :local variants share one base (recipes.local_base; their configs are pinned by golden files):
+# CI trains one of each kind (a VeCLIP mix, AltText-only CLIP, a two-corpus mixture at 336 px).
+IN_CI = ("vecap200m_b16", "vecap12m_clip_b16", "dfn_vecap300m_h14_336")
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in IN_CI else pytest.param(n, marks=pytest.mark.slow) for n in PAPER]
+)
 def test_every_local_variant_trains_on_the_cpu(name, demo_cache, tmp_path):
     from veclip_jax.train import loop
 

@@ -9,7 +9,8 @@ Three datasets:
            into a temporary directory) cropped to 224 px, as for a B/16 model
   formats  the photo pairs as ArrayRecord shards, WebDataset tars and Parquet
            files, read alone and as mixtures of 2 and 3 sources (data.sources),
-           with 1 and 2 worker processes (simplejpeg)
+           with 1 and 2 worker processes (simplejpeg): records/s, and the CPU
+           time of all the pipeline's processes per record
 
 For each, the simplejpeg path (the default) and the PIL path (data.decoder="pil",
 the baseline), with k = 1, 2 reader threads in one process (data.num_workers=0,
@@ -31,6 +32,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import psutil
 import simplejpeg
 
 from veclip_jax.data import demo, image_ops, pipeline, records, seeds
@@ -109,18 +111,39 @@ FORMAT_ROWS = (
 )
 
 
-def measure(config, seconds: float, warmup_batches: int = 3) -> float:
-    """Examples/s delivered by make_train_iterator(config), after warm-up."""
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its live children (the input worker processes)."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def measure_cost(config, seconds: float, warmup_batches: int = 3) -> tuple[float, float]:
+    """(examples/s, CPU ms per example) delivered by make_train_iterator(config), after warm-up.
+
+    The CPU time is every process's of the pipeline (the trainer's and its
+    worker processes'): what an example costs, whatever the scheduling.
+    """
     it = pipeline.make_train_iterator(config, process_index=0, process_count=1)
     try:
         for _ in range(warmup_batches):
             next(it)
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), _cpu_seconds()
         while time.perf_counter() - t0 < seconds:
             n += len(next(it)["tokens"])
-        return n / (time.perf_counter() - t0)
+        return n / (time.perf_counter() - t0), 1e3 * (_cpu_seconds() - c0) / n
     finally:
         it.close()
+
+
+def measure(config, seconds: float, warmup_batches: int = 3) -> float:
+    """Examples/s delivered by make_train_iterator(config), after warm-up."""
+    return measure_cost(config, seconds, warmup_batches)[0]
 
 
 def decode_only(jpegs: Sequence[bytes], size: int, decoder: str, seconds: float) -> float:
@@ -223,18 +246,21 @@ def bench_formats(tmp: str, args: argparse.Namespace, levels: list[int]) -> None
                                                                                 args.num_photos))  # fmt: skip
     # Rows are measured round-robin, `--rounds` times, and the best kept: on a shared machine a
     # co-tenant's burst then costs one sample of a row, not a whole row.
-    best: dict[tuple[str, int], float] = {}
+    # Rates: the best round's; CPU per record: the least (a co-tenant's burst slows, never speeds).
+    best: dict[tuple[str, int], tuple[float, float]] = {}
     for _ in range(args.rounds):
         for label, how in FORMAT_ROWS:
             c.data.train_files = files[how["train_files"]] if "train_files" in how else ""
             c.data.sources = {name: {"files": files[f]} for name, f in how.get("sources", {}).items()}
             for k in levels:
                 c.data.num_workers = k
-                best[label, k] = max(best.get((label, k), 0.0), measure(c, args.seconds))
-    print(f"\n{'photo 500x375 -> 224px':32} {'mode':20} {'records/s':>10}")
-    for (label, k), rate in best.items():
+                rate, cpu = measure_cost(c, args.seconds)
+                old = best.get((label, k), (0.0, float("inf")))
+                best[label, k] = (max(old[0], rate), min(old[1], cpu))
+    print(f"\n{'photo 500x375 -> 224px':32} {'mode':20} {'records/s':>10} {'CPU ms/record':>14}")
+    for (label, k), (rate, cpu) in best.items():
         desc = f"{k} worker process{'es' if k > 1 else ''}" if k else "in-process, 1 thread"
-        print(f"{label:32} {desc:20} {rate:10.0f}", flush=True)
+        print(f"{label:32} {desc:20} {rate:10.0f} {cpu:14.2f}", flush=True)
 
 
 if __name__ == "__main__":
