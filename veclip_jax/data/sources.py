@@ -301,11 +301,11 @@ class _FileIterator(grain.DatasetIterator):
         except StopIteration:
             if n:
                 raise  # the file is done
-            value = "empty_file"  # counted once: the stream never loops over sample-less files unseen
-        self._next += 1
-        if value == "empty_file":
+            # Counted once, so a stream of sample-less files never loops unseen.
+            self._next += 1
             log.warning("%s: %s holds no samples: skipped", ds.spec.label, self._path)
-            return Skipped(value, ds.spec.index)
+            return Skipped("empty_file", ds.spec.index)
+        self._next += 1
         if isinstance(value, str):
             log.warning("%s: %s is unreadable (from sample %d on): skipped", ds.spec.label, self._path, n)
             return Skipped(value, ds.spec.index)
