@@ -34,7 +34,7 @@ demo-table: setup
 	for v in alttext mixed vecap; do \
 	  $(BIN)/python launch/train.py --config=configs/demo.py:$$v --workdir=workdir/demo_$$v || exit 1; \
 	done
-	$(BIN)/python -m veclip_jax.eval.report workdir/demo_alttext workdir/demo_mixed workdir/demo_vecap
+	$(BIN)/python launch/report.py workdir/demo_alttext workdir/demo_mixed workdir/demo_vecap
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cache

@@ -16,12 +16,12 @@ gives the measured numbers and the time (about 4 minutes of training on 2 cores)
 
 The arg may instead name an objective (`siglip`, `slip`, `declip`, `filip`,
 `defilip`): the same run (mixed captions, steps, data, seed) with that
-objective, its heads scaled to the tiny towers (veclip_jax/recipes_declip.py
+objective, its heads scaled to the tiny towers (veclip_jax/recipes/declip.py
 TINY_HEADS); the README's objectives table.
 """
 
 from veclip_jax import defaults
-from veclip_jax.recipes_declip import tiny_objective
+from veclip_jax.recipes.declip import tiny_objective
 
 VECAP_PROB = {"mixed": 0.5, "alttext": 0.0, "vecap": 1.0}
 OBJECTIVES = ("siglip", "slip", "declip", "filip", "defilip")

@@ -10,7 +10,7 @@ Samples seen 2,048M = 62,500 steps x global batch 32,768.
 Written for tpu-v5p-256 (128 chips); config.mesh_rules pick the mesh, remat and dtype for
 other pods and for H100 clusters. Compiled memory per chip: README "Reproduce the paper".
 Fallback recipe, not from the paper (its appendix could not be read): AdamW, lr 5e-4, 2k warm-up,
-cosine, wd 0.2, samples seen and batch above; veclip_jax/recipes.py says which settings.
+cosine, wd 0.2, samples seen and batch above; veclip_jax/recipes/veclip.py says which settings.
 
   python launch/train.py --config=configs/dfn_b16.py --workdir=gs://BUCKET/run \
       --config.data.train_files='/data/dfn/train-*.array_record' \
@@ -19,7 +19,7 @@ cosine, wd 0.2, samples seen and batch above; veclip_jax/recipes.py says which s
   python launch/train.py --config=configs/dfn_b16.py:local --workdir=/tmp/local  # CPU, demo
 """
 
-from veclip_jax.recipes import paper_config
+from veclip_jax.recipes.veclip import paper_config
 
 
 def get_config(arg: str | None = None):

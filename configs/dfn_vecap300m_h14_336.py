@@ -11,7 +11,7 @@ Samples seen 4,096M = 125,000 steps x global batch 32,768.
 Written for tpu-v5p-1024 (512 chips); config.mesh_rules pick the mesh, remat and dtype for
 other pods and for H100 clusters. Compiled memory per chip: README "Reproduce the paper".
 Fallback recipe, not from the paper (its appendix could not be read): AdamW, lr 5e-4, 2k warm-up,
-cosine, wd 0.2, samples seen and batch above; veclip_jax/recipes.py says which settings.
+cosine, wd 0.2, samples seen and batch above; veclip_jax/recipes/veclip.py says which settings.
 
   python launch/train.py --config=configs/dfn_vecap300m_h14_336.py --workdir=gs://BUCKET/run \
       --config.data.sources.dfn.files='/data/dfn/{00000..99999}.tar' \
@@ -21,7 +21,7 @@ cosine, wd 0.2, samples seen and batch above; veclip_jax/recipes.py says which s
   python launch/train.py --config=configs/dfn_vecap300m_h14_336.py:local --workdir=/tmp/local  # CPU, demo
 """
 
-from veclip_jax.recipes import paper_config
+from veclip_jax.recipes.veclip import paper_config
 
 
 def get_config(arg: str | None = None):

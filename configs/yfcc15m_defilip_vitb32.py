@@ -12,7 +12,7 @@ Reported: ImageNet zero-shot top-1 45.0 (DeCLIP toolkit README, ViT-B/32, 32 epo
   python launch/train.py --config=configs/yfcc15m_defilip_vitb32.py:local --workdir=/tmp/local  # CPU, demo
 """
 
-from veclip_jax.recipes_declip import declip_config
+from veclip_jax.recipes.declip import declip_config
 
 
 def get_config(arg: str | None = None):

@@ -16,7 +16,7 @@ exported config's notes say so).
   python launch/train.py --config=configs/yfcc15m_filip_vitb32.py:local --workdir=/tmp/local  # CPU, demo
 """
 
-from veclip_jax.recipes_declip import declip_config
+from veclip_jax.recipes.declip import declip_config
 
 
 def get_config(arg: str | None = None):

@@ -13,7 +13,7 @@ recipe; compare with configs/yfcc15m_clip_vitb32.py (CLIP, reported 32.8 ImageNe
   python launch/train.py --config=configs/yfcc15m_siglip_vitb32.py:local --workdir=/tmp/local  # CPU, demo
 """
 
-from veclip_jax.recipes_declip import declip_config
+from veclip_jax.recipes.declip import declip_config
 
 
 def get_config(arg: str | None = None):

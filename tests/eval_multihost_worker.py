@@ -27,8 +27,8 @@ def main() -> None:
     from veclip_jax.data.tokenizer import load_tokenizer
     from veclip_jax.eval import embed
     from veclip_jax.eval.run import run_tasks
-    from veclip_jax.models.clip import build_model
-    from veclip_jax.workdir import find_tokenizer
+    from veclip_jax.objectives.model import build
+    from veclip_jax.run.workdir import find_tokenizer
 
     with open(spec_path) as f:
         spec = json.load(f)
@@ -43,7 +43,7 @@ def main() -> None:
     load = embed.load_image
     embed.load_image = lambda image: reads.append(image) or load(image)  # the images this process decodes
     results, _ = run_tasks(
-        build_model(cfg), params, tok, EvalPreprocess(size, size), spec["entries"],
+        build(cfg), params, tok, EvalPreprocess(size, size), spec["entries"],
         data_dir=spec["data_dir"], batch_size=spec["batch_size"],
     )  # fmt: skip
     assert jax.device_count() == 8 and jax.local_device_count() == 4

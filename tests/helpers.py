@@ -72,7 +72,7 @@ def logged_metrics(workdir: str) -> list[dict]:
     """The lines of a run's metrics.jsonl, checked to be one per step from step 1."""
     import os
 
-    from veclip_jax.train.metrics import read_jsonl
+    from veclip_jax.run.workdir import read_jsonl
 
     lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert [m["step"] for m in lines] == list(range(1, len(lines) + 1))

@@ -24,7 +24,7 @@ def main() -> None:
     pid, nproc, sigterm_at = int(pid), int(nproc), int(sigterm_at)
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
     from configs import tiny
-    from veclip_jax.data import pipeline
+    from veclip_jax.data.train_iterator import TrainIterator
     from veclip_jax.train import loop
 
     with open(config_json) as f:
@@ -34,7 +34,7 @@ def main() -> None:
     c.mesh.update(data=2, fsdp=4, tensor=1)
     c.data.update(fields)
     if sigterm_at and pid == 0:
-        original = pipeline.TrainIterator.__next__
+        original = TrainIterator.__next__
         calls = [0]
 
         def next_then_preempt(self):
@@ -43,7 +43,7 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGTERM)
             return original(self)
 
-        pipeline.TrainIterator.__next__ = next_then_preempt
+        TrainIterator.__next__ = next_then_preempt
     result = loop.train(c, workdir)
     print(f"process {pid}: step {result.step} from {result.start_step} preempted {result.preempted}")
     jax.distributed.shutdown()

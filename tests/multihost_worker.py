@@ -18,7 +18,7 @@ def main() -> None:
     pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4].format(sys.argv[1])
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
     from tests.helpers import random_batch, tiny_config
-    from veclip_jax.models.clip import build_model
+    from veclip_jax.objectives.model import build
     from veclip_jax.parallel.mesh import global_batch, make_mesh
     from veclip_jax.train.optim import make_optimizer
     from veclip_jax.train.state import init_train_state
@@ -26,7 +26,7 @@ def main() -> None:
 
     config = tiny_config()
     mesh = make_mesh(dict(data=2, fsdp=4, tensor=1))
-    model = build_model(config.model)
+    model = build(config.model)
     tx = make_optimizer(config.optim, total_steps=100)
     init = init_train_state(model, tx, mesh, jax.random.key(config.seed))
     step = make_train_step(model, tx, mesh, init.shardings)

@@ -12,8 +12,10 @@ import sys
 import ml_collections
 import pytest
 
-from veclip_jax import defaults, recipes, recipes_declip
+from veclip_jax import defaults
 from veclip_jax.config import ConfigError, check_overrides, validate_config
+from veclip_jax.recipes import declip as recipes_declip
+from veclip_jax.recipes import veclip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden_configs")
@@ -36,7 +38,7 @@ def _load(name: str):
 
 
 # Paper configs need their corpus to validate (tests/test_paper_configs.py); their :local variants do not.
-PAPER = sorted(recipes.RUNS) + [f"yfcc15m_{o}_vitb32" for o in recipes_declip.RECIPES]
+PAPER = sorted(veclip.RUNS) + [f"yfcc15m_{o}_vitb32" for o in recipes_declip.RECIPES]
 VALID = [n for n in NAMED if n not in PAPER] + [f"{n}:local" for n in PAPER]
 
 
@@ -204,3 +206,67 @@ def test_launch_refuses_bad_config_before_any_compute(override, message, tmp_pat
 def test_real_data_without_its_tokenizer_is_refused():
     with pytest.raises(ConfigError, match=r"config\.data\.tokenizer is empty"):
         validate_config(_with(data__train_files="/data/train-*.array_record"))
+
+
+def test_objective_defaults_are_the_objective_classes_fields():
+    """config.objective.NAME is generated from objective NAME's dataclass: same fields, types, values."""
+    import dataclasses
+
+    from veclip_jax.objectives import REGISTRY, Objective
+
+    fixed = {f.name for f in dataclasses.fields(Objective)}
+    objective = defaults.get_config().objective.to_dict()
+    for name, cls in REGISTRY.items():
+        fields = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in fixed}
+        assert objective.get(name, {}) == fields, name
+        assert all(type(objective[name][k]) is type(v) for k, v in fields.items()), name
+    assert set(objective) == {"name"} | {n for n in REGISTRY if n != "clip"}
+
+
+def test_the_defaults_and_the_checker_import_no_jax():
+    """Experiment files import the defaults; the CLI checks a config before JAX starts."""
+    code = (
+        "import sys; import veclip_jax.defaults, veclip_jax.schema, veclip_jax.parallel.axes, "
+        "veclip_jax.parallel.hardware, veclip_jax.eval.registry; assert 'jax' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [  # the one checker, through its three users: a config field, an evaluation entry, an objective field
+        (dict(seed=1.5), r"config\.seed=1\.5: expected int, got float"),
+        (
+            dict(evals__demo_color__every=1.5),
+            r"config\.evals\.demo_color\.every=1\.5: expected int, got float",
+        ),
+        (
+            dict(objective__declip__queue_size=1.5),
+            r"config\.objective\.declip\.queue_size=1\.5: expected int",
+        ),
+        (
+            dict(objective__declip__queue_sise=4),
+            r"config\.objective\.declip\.queue_sise is not a field.*queue_size\?",
+        ),
+    ],
+)
+def test_one_checker_names_the_full_dotted_field(changes, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_config(_with(**changes))
+
+
+def test_make_objective_checks_its_section_with_the_same_checker():
+    from veclip_jax.objectives import make_objective
+
+    section = ml_collections.ConfigDict(dict(name="declip", declip=dict(queue_size="big")))
+    with pytest.raises(ConfigError, match=r"config\.objective\.declip\.queue_size='big': expected int"):
+        make_objective(section)
+    section = ml_collections.ConfigDict(dict(name="slip", slip=dict(ssl_weigth=1.0)))
+    with pytest.raises(
+        ConfigError, match=r"config\.objective\.slip\.ssl_weigth is not a field.*ssl_weight\?"
+    ):
+        make_objective(section)
+    assert (
+        make_objective(ml_collections.ConfigDict(dict(name="slip", slip=dict(ssl_weight=2)))).ssl_weight
+        == 2.0
+    )

@@ -372,10 +372,8 @@ def config(demo_data):
     return _config(demo_data)
 
 
-def _take(config, n: int, *, extras=ALL, state=None):
-    it = pipeline.make_train_iterator(
-        config, process_index=0, process_count=1, include_ids=True, extras=extras
-    )
+def _take(config, n: int, *, keys=("image", "tokens", *ALL), state=None):
+    it = pipeline.make_train_iterator(config, process_index=0, process_count=1, include_ids=True, keys=keys)
     try:
         if state is not None:
             it.set_state(json.loads(json.dumps(state)))  # what a checkpoint stores
@@ -402,9 +400,9 @@ def _assert_same_examples(a, b, min_common: int):
 
 
 def test_batches_carry_the_extras_asked_for(config):
-    (batch,), _ = _take(config, 1, extras=(*ALL, "no_image"))
+    (batch,), _ = _take(config, 1, keys=("tokens", *ALL))
     b, S, L = 8, 32, 32
-    assert set(batch) == {"tokens", *ALL, "index", "epoch", "source"}  # "no_image": no crop
+    assert set(batch) == {"tokens", *ALL, "index", "epoch", "source"}  # no "image": no crop
     assert batch["views"].shape == (b, 2, S, S, 3) and batch["views"].dtype == np.float32
     for k in ("tokens", "tokens_eda", "tokens_mlm", "mlm_labels"):
         assert batch[k].shape == (b, L) and batch[k].dtype == np.int32, k
@@ -412,7 +410,7 @@ def test_batches_carry_the_extras_asked_for(config):
     np.testing.assert_array_equal(batch["mlm_labels"][selected], batch["tokens"][selected])
     np.testing.assert_array_equal(batch["tokens_mlm"][~selected], batch["tokens"][~selected])
     config.data.augment.views = 1
-    (batch,), _ = _take(config, 1, extras=("views",))
+    (batch,), _ = _take(config, 1, keys=("image", "tokens", "views"))
     assert set(batch) == {"image", "tokens", "views", "index", "epoch", "source"}
     assert batch["views"].shape == (b, 1, S, S, 3)
 
@@ -513,17 +511,20 @@ def test_the_mask_id_must_fit_the_text_vocabulary(config, demo_data):
     tok = Tokenizer(demo_data.tokenizer, 32)
     config.model.text.vocab_size = tok.vocab_size  # no room past the pieces for the default mask id
     with pytest.raises(ValueError, match="model.text.mask_id"):
-        _take(config, 1, extras=("tokens_mlm",))
-    (batch,), _ = _take(config, 1, extras=("views",))  # no masking asked for: no mask id needed
+        _take(config, 1, keys=("image", "tokens", "tokens_mlm"))
+    # No masking asked for: no mask id needed.
+    (batch,), _ = _take(config, 1, keys=("image", "tokens", "views"))
     config.model.text.vocab_size = 1024
     config.model.text.mask_id = 1000
-    (batch,), _ = _take(config, 1, extras=("tokens_mlm", "mlm_labels"))
+    (batch,), _ = _take(config, 1, keys=("image", "tokens", "tokens_mlm", "mlm_labels"))
     assert 1000 in batch["tokens_mlm"]
 
 
 def test_unknown_extras_are_refused(config):
     with pytest.raises(ValueError, match="not inputs the pipeline makes"):
-        pipeline.make_train_iterator(config, process_index=0, process_count=1, extras=("tokens_bert",))
+        pipeline.make_train_iterator(
+            config, process_index=0, process_count=1, keys=("image", "tokens", "tokens_bert")
+        )
 
 
 @pytest.mark.parametrize(

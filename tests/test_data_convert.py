@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import gzip
 import io
@@ -11,11 +12,22 @@ import subprocess
 import sys
 import tarfile
 
+import grain
 import numpy as np
 import pytest
 from PIL import Image
 
-from veclip_jax.data import convert, image_ops, pipeline, records, tokenizer
+from veclip_jax.data import (
+    convert,
+    image_ops,
+    lane_streams,
+    pipeline,
+    preprocess,
+    records,
+    skips,
+    sources,
+    tokenizer,
+)
 from veclip_jax.data.paths import expand_paths
 from veclip_jax.data.readers import vecap_json
 from veclip_jax.data.readers.table import TableColumns
@@ -103,7 +115,7 @@ def _samples() -> list[list[Sample]]:
         Sample(
             "00000003",
             {"jpg": b"\xff\xd8\xff not a jpeg", "txt": b"broken", "json": _meta("http://x.org/0.jpg")},
-            skip="unreadable_image",
+            skip="undecodable_image",
         ),
     ]
     tar1 = [
@@ -123,7 +135,7 @@ def _samples() -> list[list[Sample]]:
         Sample(
             "00010002",
             {"jpg": j4, "txt": b" \t&nbsp; ", "json": _meta("http://x.org/4.jpg")},
-            skip="no_caption",
+            skip="empty_caption",
         ),
         Sample(
             "00010003",
@@ -132,7 +144,9 @@ def _samples() -> list[list[Sample]]:
             vecap=VECAP_A["http://x.org/5.jpg"],
             image=w5,
         ),
-        Sample("00010004", {"txt": b"no image here", "json": _meta("http://x.org/6.jpg")}, skip="no_image"),
+        Sample(
+            "00010004", {"txt": b"no image here", "json": _meta("http://x.org/6.jpg")}, skip="missing_image"
+        ),
     ]
     tar2 = [
         Sample(
@@ -141,11 +155,11 @@ def _samples() -> list[list[Sample]]:
             alt="no status",
             image=j6,
         ),
-        Sample("00020001", {"jpg": j6, "txt": b"bad json", "json": b"{not json"}, skip="bad_metadata"),
+        Sample("00020001", {"jpg": j6, "txt": b"bad json", "json": b"{not json"}, skip="bad_record"),
         Sample(
             "00020002",
             {"jpg": truncated, "txt": b"truncated", "json": _meta("http://x.org/8.jpg")},
-            skip="unreadable_image",
+            skip="undecodable_image",
         ),
         Sample("00020003", {"jpg": j8, "txt": b"no json at all"}, alt="no json at all", image=j8),
         Sample("00020000", {"jpg": j8, "txt": b"same key again", "json": _meta()}, skip="duplicate_key"),
@@ -233,15 +247,15 @@ def test_vecap_captions_are_joined_by_url_first_file_winning(wds, converted):
 
 def test_bad_samples_are_skipped_and_counted_by_reason(wds, converted):
     _, expected_skips = _expected(wds["tars"], 2)
-    expected_skips["missing_input"] = 1  # 00003.tar of the brace range does not exist
+    expected_skips["missing_file"] = 1  # 00003.tar of the brace range does not exist
     for workers in (1, 2):
         out, summary = converted[workers]
         assert summary.skipped == expected_skips
         assert summary.missing_inputs == [str(wds["root"] / "00003.tar")]
-        assert summary.shards[1]["skipped"]["missing_input"] == 1  # tar 3 belongs to shard 3 % 2
+        assert summary.shards[1]["skipped"]["missing_file"] == 1  # tar 3 belongs to shard 3 % 2
         with open(convert.stats_path(out)) as f:
             assert json.load(f) == summary.to_dict()
-        assert "records" in summary.format() and "no_caption" in summary.format()
+        assert "records" in summary.format() and "empty_caption" in summary.format()
 
 
 def test_worker_count_does_not_change_the_shards(converted):
@@ -311,7 +325,7 @@ def test_damaged_tars_keep_the_samples_before_the_damage(tmp_path):
     summary = convert.convert_webdataset(f"{tmp_path}/t.tar,{tmp_path}/garbage.tar", str(tmp_path / "o"), 1)
 
     assert [r.key for r in _read_shards(str(tmp_path / "o"), 1)[0]] == ["k0", "k1"]
-    assert summary.skipped == {"unreadable_input": 2}
+    assert summary.skipped == {"unreadable_file": 2}
     assert summary.unreadable_inputs == [str(tmp_path / "t.tar"), str(tmp_path / "garbage.tar")]
 
 
@@ -443,7 +457,12 @@ def test_table_rows_become_records(wds, tmp_path):
         "1": (1, "alt one, with a comma", VECAP_A["http://x.org/2.jpg"], _image(21)),
         "k4": (0, None, "only vecap", _image(24)),
     }
-    assert summary.skipped == {"no_image": 1, "no_caption": 1, "missing_file": 1, "unreadable_image": 1}
+    assert summary.skipped == {
+        "missing_image": 1,
+        "empty_caption": 1,
+        "image_not_found": 1,
+        "undecodable_image": 1,
+    }
     assert summary.vecap_joined == 1
 
 
@@ -485,6 +504,88 @@ def test_converted_shards_feed_the_training_pipeline(converted, tmp_path):
     assert batch["image"].shape == (4, size, size, 3) and batch["image"].dtype == np.float32
     assert batch["tokens"].shape == (4, length) and batch["tokens"].dtype == np.int32
     assert ((batch["tokens"] == config.model.text.eos_id).sum(axis=1) == 1).all()
+
+
+def _mixed_tar(path) -> list[tuple[str, dict[str, bytes]]]:
+    """Good samples among one of each kind of bad one, a non-UTF-8 caption among them."""
+    good = [_image(70 + i) for i in range(4)]
+    samples = [
+        ("s0", {"jpg": good[0], "txt": b"a red kite", "json": _meta("http://x.org/s0.jpg")}),
+        ("s1", {"jpg": good[1], "txt": "un caf\xe9 cr\xe8me".encode("latin-1")}),  # not UTF-8: bad_caption
+        ("s2", {"jpg": good[2], "txt": "un café crème".encode()}),
+        ("s3", {"jpg": good[3], "json": _meta(caption="only in the json")}),  # no .txt: the .json caption
+        ("s4", {"jpg": good[0], "txt": b" \t&nbsp;", "json": _meta(caption="unread")}),  # empty_caption
+        ("s5", {"txt": b"no image", "json": _meta()}),  # missing_image
+        ("s6", {"jpg": good[1], "txt": b"failed", "json": _meta(status="failed_to_download")}),  # not_success
+        ("s7", {"jpg": b"\xff\xd8 not a jpeg", "txt": b"broken"}),  # undecodable_image
+        ("s8", {"jpg": good[2], "txt": b"bad json", "json": b"{not json"}),  # bad_record
+        ("s9", {"jpg": good[3], "json": _meta(caption=7)}),  # bad_caption: a number is not a caption
+        ("s10", {"jpg": good[1], "txt": b"the last good one"}),
+    ]
+    _write_tar(path, samples)
+    return samples
+
+
+def test_the_same_tar_gives_the_same_samples_converted_and_streamed(converted, tmp_path):
+    """One parsing of tar samples (readers/webdataset.py) for the converter and the trainer's streamed reader.
+
+    The converter used to decode a non-UTF-8 caption with replacement characters and keep the sample
+    that streaming skips as bad_caption: the same tar gave two datasets. Both sides are read here as
+    the trainer reads them (Preprocess), the converted shard as records, the tar as a streamed file.
+    """
+    samples = _mixed_tar(tmp_path / "mixed.tar")
+    out = str(tmp_path / "c" / "train")
+    summary = convert.convert_webdataset(str(tmp_path / "mixed.tar"), out, 1)
+    [shard] = _read_shards(out, 1)
+    assert {r.key: r.alt_text for r in shard} == {
+        "s0": "a red kite",
+        "s2": "un café crème",
+        "s3": "only in the json",
+        "s10": "the last good one",
+    }
+
+    spm = tokenizer.train_tokenizer_from_shards(
+        f"{converted[1][0]}-*{records.SHARD_SUFFIX}", tmp_path / "spiece.model", vocab_size=200
+    )
+    config = get_config()
+    config.data.vecap_prob = 0.0
+    text = config.model.text
+    tok = tokenizer.load_tokenizer(spm, text.context_length, pad_id=text.pad_id, eos_id=text.eos_id)
+
+    def read(files: str) -> list:
+        """Every example (or Skipped) of `files`' first epoch, in file order, as the trainer makes them."""
+        config.data.train_files = files
+        [spec] = sources.resolve_source_specs(config)
+        if spec.streamed:  # the streamed reader of one file
+            items = lane_streams.FileIterDataset(spec, sources.Item(0, 0, 0))
+        else:
+            records_of_epoch_0 = [sources.Item(0, 0, i) for i in range(len(shard))]
+            items = grain.MapDataset.source(records_of_epoch_0).to_iter_dataset()
+        return list(items.map(preprocess.Preprocess([spec], preprocess.image_spec(config), tok, True)))
+
+    as_records = read(records.shard_name(out, 0, 1))
+    streamed = read(str(tmp_path / "mixed.tar"))
+    assert all(isinstance(e, preprocess.Example) for e in as_records)
+    tokens = {shard[int(e.arrays["index"])].key: e.arrays["tokens"] for e in as_records}
+    streamed_tokens = {
+        samples[int(e.arrays["index"]) & (2**sources.SAMPLE_BITS - 1)][0]: e.arrays["tokens"]
+        for e in streamed
+        if isinstance(e, preprocess.Example)
+    }
+    assert list(streamed_tokens) == list(tokens)  # the same samples, in tar order
+    for key, t in tokens.items():
+        np.testing.assert_array_equal(streamed_tokens[key], t, err_msg=key)
+    streamed_skips = collections.Counter(e.reason for e in streamed if isinstance(e, sources.Skipped))
+    assert summary.skipped == dict(streamed_skips)  # the same skips, by the same names
+    assert summary.skipped == {"bad_caption": 2, "empty_caption": 1, "missing_image": 1, "not_success": 1,
+                               "undecodable_image": 1, "bad_record": 1}  # fmt: skip
+
+
+def test_the_converter_and_the_trainer_name_skips_from_one_table():
+    assert set(skips.BAD_REASONS) <= set(skips.REASONS)
+    assert len(set(skips.BAD_REASONS)) == len(skips.BAD_REASONS)  # the columns of the trainer's counts
+    assert convert.SKIP_REASONS == {r: skips.REASONS[r] for r in skips.CONVERTER_REASONS}
+    assert set(skips.BAD_REASONS) - {"empty_file"} <= set(convert.SKIP_REASONS)  # a converter meets them too
 
 
 def test_command_line_converts_then_resumes(wds, tmp_path):
@@ -555,7 +656,12 @@ def test_parquet_tables_become_records_with_bad_rows_counted(tmp_path):
         r.key: (r.alt_text, r.jpeg) for shard in _read_shards(str(tmp_path / "out" / "t"), 2) for r in shard
     }
     assert got == {"p0": ("first", _image(50)), "b/0": ("hf struct", _image(53))}
-    assert summary.skipped == {"unreadable_input": 1, "no_image": 2, "no_caption": 1, "unreadable_image": 1}
+    assert summary.skipped == {
+        "unreadable_file": 1,
+        "missing_image": 2,
+        "empty_caption": 1,
+        "undecodable_image": 1,
+    }
     assert summary.unreadable_inputs == [str(tmp_path / "c.parquet")]
 
 
@@ -573,7 +679,7 @@ def test_image_folder_with_a_captions_file_becomes_records(tmp_path):
     [shard] = _read_shards(str(tmp_path / "out" / "f"), 1)
     assert {r.key: (r.alt_text, r.vecap_text) for r in shard} == {"cat/a.jpg": ("a sleeping cat", None),
                                                                   "dog/c.jpg": (None, "a dog")}  # fmt: skip
-    assert summary.skipped == {"no_caption": 1}  # cat/b.png: no entry, no --class_template
+    assert summary.skipped == {"empty_caption": 1}  # cat/b.png: no entry, no --class_template
     convert.convert_image_folder(str(tmp_path / "tree"), str(tmp_path / "out" / "g"), 1,
                                  class_template="a photo of a {}.")  # fmt: skip
     [shard] = _read_shards(str(tmp_path / "out" / "g"), 1)

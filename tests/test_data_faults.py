@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from veclip_jax.data import demo, pipeline, records
-from veclip_jax.data.pipeline import TooManyBadRecordsError
+from veclip_jax.data import demo, pipeline, records, train_iterator
+from veclip_jax.data.skip_and_batch import TooManyBadRecordsError
 from veclip_jax.defaults import get_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,7 +118,7 @@ def test_a_saved_position_from_another_process_count_is_refused_naming_it(shards
     files, tok = shards
     c = _config(files, tok)
     _, state, _ = _take(c, 1)
-    with pytest.raises(pipeline.InputStateError, match="saved by 1 processes; this run has 2"):
+    with pytest.raises(train_iterator.InputStateError, match="saved by 1 processes; this run has 2"):
         _take(c, 1, state, process_count=2)
 
 

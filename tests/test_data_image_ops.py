@@ -186,7 +186,11 @@ def test_high_bit_depth_and_odd_mode_files_train_evaluate_and_verify_with_their_
     want = float(np.where(gray > 127, 255, 0).mean() if mode == "1" else gray.mean())
     crop = image_ops.decode_random_crop(data, np.random.default_rng(0), size=16, scale=(1.0, 1.0),
                                         ratio=(4.0, 4.0), decoder="pil")  # fmt: skip
-    ev = image_ops.decode_eval_image(data, 16)  # the shorter side (16) kept: a centre 16 x 16 crop
+    # The evaluation transform (veclip_jax.load, the evaluator), back to pixel values: the shorter
+    # side (16) kept, a centre 16 x 16 crop.
+    ev = image_ops.EvalPreprocess(16, 16)(Image.open(io.BytesIO(data)))
+    std, mean = np.asarray(image_ops.CLIP_STD, np.float32), np.asarray(image_ops.CLIP_MEAN, np.float32)
+    ev = np.round(ev * 255 * std + 255 * mean)
     assert abs(crop.mean() - want) < 6, crop.mean()
     assert abs(ev.mean() - gray[:, 24:40].mean()) < 6 if mode != "1" else ev.max() == 255
     assert image_ops.image_decodes(data)

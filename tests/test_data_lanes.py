@@ -1,4 +1,4 @@
-"""A reader lane's own iterators (data/sources.py): files taken in turn, and the window shuffle.
+"""A reader lane's own iterators (data/lane_streams.py): files taken in turn, and the window shuffle.
 
 Both replace grain's threaded InterleaveIterDataset and its per-element
 WindowShuffleIterDataset on the streamed path (for speed); these tests pin
@@ -14,7 +14,7 @@ import json
 import grain
 import pytest
 
-from veclip_jax.data.sources import RoundRobinFilesIterDataset, WindowShuffleIterDataset
+from veclip_jax.data.lane_streams import RoundRobinFilesIterDataset, WindowShuffleIterDataset
 
 # Five "files" of 3, 0, 4, 1 and 2 samples (file f's sample s is 10 * f + s), read in a loop.
 LENGTHS = (3, 0, 4, 1, 2)

@@ -14,7 +14,7 @@ from tests.test_data_sources import _tar
 from tests.test_multihost import _two_hosts
 from veclip_jax.data import demo, pipeline, records
 from veclip_jax.defaults import get_config
-from veclip_jax.train.metrics import read_jsonl
+from veclip_jax.run.workdir import read_jsonl
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_input_worker.py")
 PER_FILE, FILES, STEPS = 6, 4, 8

@@ -11,9 +11,11 @@ import grain
 import numpy as np
 import pytest
 
+from veclip_jax.config import validate_config
 from veclip_jax.data import captions, demo, image_ops, pipeline, records, seeds
-from veclip_jax.data.pipeline import BAD_REASONS, TooManyBadRecordsError
 from veclip_jax.data.records import Record
+from veclip_jax.data.skip_and_batch import TooManyBadRecordsError
+from veclip_jax.data.skips import BAD_REASONS
 from veclip_jax.data.tokenizer import Tokenizer
 from veclip_jax.defaults import get_config
 
@@ -404,4 +406,4 @@ def test_batch_size_must_split_evenly_over_processes(config):
 def test_invalid_data_settings_fail_at_start(config, field, value):
     setattr(config.data, field, value)
     with pytest.raises(ValueError, match=f"data.{field}"):
-        pipeline.make_train_iterator(config, process_index=0, process_count=1)
+        validate_config(config)  # checked once, by the config (the trainer's first step), not by the pipeline

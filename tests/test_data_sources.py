@@ -15,8 +15,10 @@ import pytest
 
 from veclip_jax.config import ConfigError, validate_config
 from veclip_jax.data import demo, pipeline, records
-from veclip_jax.data.pipeline import BAD_REASONS, TooManyBadRecordsError
+from veclip_jax.data.skip_and_batch import TooManyBadRecordsError
+from veclip_jax.data.skips import BAD_REASONS
 from veclip_jax.data.sources import SAMPLE_BITS
+from veclip_jax.data.train_iterator import InputStateError, mix_ratios
 from veclip_jax.defaults import get_config
 
 PER_FILE = 12  # samples per tar / rows per Parquet file
@@ -147,12 +149,12 @@ def test_streamed_resume_with_another_worker_count_is_refused_naming_the_field(c
     c = _config(corpus, corpus["tar"])
     _, state, _ = _take(c, 1)
     c.data.num_workers = 2
-    with pytest.raises(pipeline.InputStateError, match=r"config.data.num_workers=2.*data.num_workers=0"):
+    with pytest.raises(InputStateError, match=r"config.data.num_workers=2.*data.num_workers=0"):
         _take(c, 1, state)
     # A position saved by the earlier reader (grain's threaded interleave: no "streamed_reader") is refused.
     c.data.num_workers = 0
     del state["streamed_reader"]
-    with pytest.raises(pipeline.InputStateError, match=r"earlier veclip-jax reader"):
+    with pytest.raises(InputStateError, match=r"earlier veclip-jax reader"):
         _take(c, 1, state)
 
 
@@ -170,7 +172,7 @@ def test_mixture_realises_its_weights_and_reports_them(corpus, other):
     assert n == 2560
     share = counts["examples/a"] / n
     assert abs(share - 0.7) <= 3 * math.sqrt(0.7 * 0.3 / n)  # the interleave is exact; sampling error allowed
-    assert pipeline.mix_ratios(counts) == pytest.approx({"mix/a": share, "mix/x": 1 - share})
+    assert mix_ratios(counts) == pytest.approx({"mix/a": share, "mix/x": 1 - share})
     assert {s for s, _, _ in _ids(batches)} == {0, 1}
 
 

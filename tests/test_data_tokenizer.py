@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from veclip_jax.cli import make_tokenizer
 from veclip_jax.data import records, tokenizer
 from veclip_jax.data.records import Record
 from veclip_jax.data.tokenizer import EOS_ID, PAD_ID, UNK_ID, Tokenizer
@@ -117,7 +118,7 @@ def test_cli_trains_from_both_caption_fields_of_shards(tmp_path, capsys):
     ]
     shards = records.write_shards(recs, str(tmp_path / "s"), 2)
     out = tmp_path / "out" / "spiece.model"
-    tokenizer.main(
+    make_tokenizer.main(
         [f"--input={tmp_path}/s-*.array_record", f"--out={out}", "--vocab_size=150", "--num_threads=1"]
     )
     assert "pieces" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from tests.test_multihost import _two_hosts
 from veclip_jax.eval import registry
 from veclip_jax.eval.embed import embed_images
 from veclip_jax.eval.run import run_tasks
-from veclip_jax.train.metrics import read_jsonl
+from veclip_jax.run.workdir import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}

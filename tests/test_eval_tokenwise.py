@@ -20,22 +20,16 @@ from veclip_jax.data.image_ops import EvalPreprocess
 from veclip_jax.data.tokenizer import load_tokenizer
 from veclip_jax.eval import tasks
 from veclip_jax.eval.datasets import load_image
-from veclip_jax.eval.encoders import Encoders
 from veclip_jax.eval.retrieval import tokenwise_retrieval_recall
 from veclip_jax.eval.tasks import EvalContext, Retrieval, ZeroShotClassification
-from veclip_jax.eval.tokenwise import (
-    POOLED,
-    TOKENWISE,
-    TokenScorer,
-    class_token_sets,
-    late_interaction,
-    scoring_for,
-)
+from veclip_jax.eval.tokenwise import TokenScorer, class_token_sets
 from veclip_jax.eval.zeroshot import classification_metrics, prompts, top_k
-from veclip_jax.models.clip import CLIP, build_model, init_params
+from veclip_jax.objectives import make_objective
 from veclip_jax.objectives.filip import late_interaction_logits
+from veclip_jax.objectives.model import ObjectiveModel, build, init_params
 from veclip_jax.parallel.mesh import make_mesh, replicated
-from veclip_jax.recipes_declip import tiny_objective
+from veclip_jax.recipes.declip import tiny_objective
+from veclip_jax.run.inference import POOLED, TOKENWISE, Encoders, late_interaction, scoring_for
 
 N_IMAGES = 11  # not a multiple of the batch (8): the last batch is padded
 # Templates of different lengths: the class token sets average each position over the prompts reaching it.
@@ -45,7 +39,7 @@ TEMPLATES = ("{}", "a {} shape.", "a photo of a small {} object on a plain backg
 def _model(objective: str):
     c = defaults.get_config("tiny")
     tiny_objective(c, objective)
-    return build_model(c.model, objective_cfg=c.objective)
+    return build(c.model, make_objective(c.objective))
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +55,8 @@ def filip(demo_cache):
     encoders = Encoders(model, mesh, jax.tree.map(lambda _: replicated(mesh), params), 8)
     mesh2 = make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:2])
     encoders2 = Encoders(model, mesh2, jax.tree.map(lambda _: replicated(mesh2), params), 8)
-    tok = load_tokenizer(demo.tokenizer, model.context_length, pad_id=0, eos_id=model.eos_id)
-    size = model.image_size
+    tok = load_tokenizer(demo.tokenizer, model.towers.context_length, pad_id=0, eos_id=model.towers.eos_id)
+    size = model.towers.image_size
     ctx = EvalContext(encoders, tok, EvalPreprocess(size, size), demo_files=[demo.eval_file])
     return types.SimpleNamespace(model=model, params=params, mesh=mesh, mesh2=mesh2, encoders=encoders,
                                  encoders2=encoders2, ctx=ctx)  # fmt: skip
@@ -74,14 +68,15 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _reference_tokens(f, images: np.ndarray, rows: np.ndarray):
-    """(image tokens, text tokens, text validity) through the training path (train_outputs and the
+    """(image tokens, text tokens, text validity) through the training path (the model's outputs and the
     objective's heads, unjitted), normalised per token in numpy (float64)."""
     n = max(len(images), len(rows))
     views = np.zeros((n, 1, *images.shape[1:]), np.float32)
     views[: len(images), 0] = images
     tokens = np.zeros((n, rows.shape[1]), np.int32)
     tokens[: len(rows)] = rows
-    out = f.model.apply({"params": f.params}, {"views": views, "tokens": tokens}, method=CLIP.train_outputs)
+    batch = {"views": views, "tokens": tokens}
+    out = f.model.apply({"params": f.params}, batch, method=ObjectiveModel.outputs)
     heads = out["objective"]
     return (
         _unit(heads["image_tokens"])[: len(images)],
@@ -128,7 +123,7 @@ def test_the_scoring_follows_the_objective():
 def test_the_token_encoders_are_the_training_towers_and_heads(filip):
     f = filip
     rng = np.random.default_rng(0)
-    s = f.model.image_size
+    s = f.model.towers.image_size
     images = rng.normal(size=(N_IMAGES, s, s, 3)).astype(np.float32)
     rows = f.ctx.tokenizer.encode_batch(["a red circle.", "a small blue square on a grey background", "x"])
     ref_img, ref_txt, ref_valid = _reference_tokens(f, images, rows)
@@ -289,7 +284,7 @@ def test_a_filip_local_run_is_evaluated_tokenwise_and_a_clip_run_pooled(objectiv
     import veclip_jax
     from veclip_jax.data.demo import ensure_demo_data
     from veclip_jax.eval.run import evaluate, run_tasks
-    from veclip_jax.train.metrics import read_jsonl
+    from veclip_jax.run.workdir import read_jsonl
 
     workdir = str(tmp_path / objective)
     trained = _local_run(objective, demo_cache, workdir)

@@ -30,9 +30,9 @@ from veclip_jax.data.image_ops import EvalPreprocess, bilinear_resize
 from veclip_jax.data.tokenizer import Tokenizer
 from veclip_jax.hf.from_hf import params_from_hf
 from veclip_jax.hf.to_hf import export_checkpoint, save_hf_directory
-from veclip_jax.models.clip import build_model, dummy_inputs
+from veclip_jax.objectives.model import build, init_params
+from veclip_jax.run.checkpoint import restore_params
 from veclip_jax.train import loop
-from veclip_jax.train.checkpoint import restore_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
@@ -148,8 +148,8 @@ def test_export_cli_refuses_to_overwrite_without_force(tiny_run, tmp_path):
 def test_export_clips_the_temperature_as_training_does(tiny_run, tmp_path):
     # A learned temperature past logit_scale_max: training multiplies by the maximum, so must HF.
     cfg = tiny_run_config("").model
-    model = build_model(cfg)
-    params = jax.jit(lambda r: model.init(r, *dummy_inputs(model))["params"])(jax.random.key(1))
+    model = build(cfg)
+    params = jax.jit(lambda r: init_params(model, r))(jax.random.key(1))
     params = jax.tree.map(np.asarray, __import__("flax").linen.unbox(params))
     params["logit_scale"] = np.asarray(np.log(2 * cfg.logit_scale_max), np.float32)
     t = cfg.text
@@ -182,8 +182,8 @@ def test_export_clips_the_temperature_as_training_does(tiny_run, tmp_path):
 )
 def test_paper_sizes_export_exactly(size, tiny_run, tmp_path):
     cfg = defaults.model_config(size)
-    model = build_model(cfg)
-    params = jax.jit(lambda r: model.init(r, *dummy_inputs(model))["params"])(jax.random.key(1))
+    model = build(cfg)
+    params = jax.jit(lambda r: init_params(model, r))(jax.random.key(1))
     params = jax.tree.map(np.asarray, __import__("flax").linen.unbox(params))
     t = cfg.text
     tok = Tokenizer(

@@ -21,10 +21,10 @@ import pytest
 
 from tests.helpers import tiny_run_config
 from veclip_jax.errors import CheckpointError, UserError, WorkdirBusyError
+from veclip_jax.run.checkpoint import restore_params
+from veclip_jax.run.workdir import CHECKPOINTS, DAMAGED_CHECKPOINTS, METRICS_FILE, WorkdirLock, read_jsonl
 from veclip_jax.train import loop
-from veclip_jax.train.checkpoint import CheckpointSaveError, restore_params
-from veclip_jax.train.metrics import read_jsonl
-from veclip_jax.workdir import CHECKPOINTS, DAMAGED_CHECKPOINTS, METRICS_FILE, WorkdirLock
+from veclip_jax.train.checkpoint import CheckpointSaveError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
@@ -145,7 +145,7 @@ def test_a_second_trainer_on_the_same_workdir_is_refused_naming_the_holder(demo_
 
 def test_the_lock_of_a_killed_trainer_is_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from veclip_jax.workdir import WorkdirLock; "
+        "import sys, time; from veclip_jax.run.workdir import WorkdirLock; "
         f"WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(600)"
     )], stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert holder.stdout.readline().strip() == "held"
@@ -215,10 +215,10 @@ def loaded(tiny_run):
 def test_encode_image_takes_grayscale_as_one_image(loaded):
     gray = np.random.default_rng(0).integers(0, 256, (48, 64), dtype=np.uint8)
     out = loaded.encode_image(gray)
-    assert out.shape == (1, loaded.model.embed_dim)
+    assert out.shape == (1, loaded.model.towers.embed_dim)
     np.testing.assert_allclose(out, loaded.encode_image(np.repeat(gray[..., None], 3, -1)), atol=1e-6)
     batch = np.stack([np.repeat(gray[..., None], 3, -1)] * 2)
-    assert loaded.encode_image(batch).shape == (2, loaded.model.embed_dim)
+    assert loaded.encode_image(batch).shape == (2, loaded.model.towers.embed_dim)
 
 
 @pytest.mark.parametrize(

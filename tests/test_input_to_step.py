@@ -5,7 +5,7 @@ import numpy as np
 
 from veclip_jax import defaults
 from veclip_jax.data.pipeline import make_train_iterator
-from veclip_jax.models.clip import build_model
+from veclip_jax.objectives.model import build
 from veclip_jax.parallel.mesh import global_batch, make_mesh
 from veclip_jax.train.optim import make_optimizer
 from veclip_jax.train.state import init_train_state
@@ -19,7 +19,7 @@ def test_demo_batches_train_the_tiny_model_on_a_mesh(tmp_path):
     config.data.cache_dir = str(tmp_path)
     config.mesh.update(data=2, fsdp=4)
     mesh = make_mesh(config.mesh)
-    model = build_model(config.model)
+    model = build(config.model)
     tx = make_optimizer(config.optim, config.total_steps)
     init = init_train_state(model, tx, mesh, jax.random.key(config.seed))
     step = make_train_step(model, tx, mesh, init.shardings)

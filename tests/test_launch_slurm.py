@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from veclip_jax import launch_slurm
+from veclip_jax.cli import slurm
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ def _sbatch_lines(script: str) -> list[str]:
 
 
 def test_dry_run_writes_the_script(tmp_path, capsys):
-    assert launch_slurm.main([*_args(tmp_path, "--partition=gpu", "--dry_run"), "--", "--config.seed=3"]) == 0
+    assert slurm.main([*_args(tmp_path, "--partition=gpu", "--dry_run"), "--", "--config.seed=3"]) == 0
     script = (tmp_path / "job.sbatch").read_text()
     assert capsys.readouterr().out == f"# {tmp_path}/job.sbatch\n{script}$ sbatch {tmp_path}/job.sbatch\n"
     header = _sbatch_lines(script)
@@ -44,7 +44,7 @@ def test_dry_run_writes_the_script(tmp_path, capsys):
 
 
 def test_hardware_follows_the_cluster_and_no_requeue(tmp_path):
-    assert launch_slurm.main(_args(tmp_path, "--nodes=2", "--no-requeue", "--dry_run")) == 0
+    assert slurm.main(_args(tmp_path, "--nodes=2", "--no-requeue", "--dry_run")) == 0
     script = (tmp_path / "job.sbatch").read_text()
     assert "--config.hardware=gpu-h100-16" in script and "--no-requeue" in _sbatch_lines(script)
     assert "--nodes=2" in _sbatch_lines(script)
@@ -59,14 +59,14 @@ def test_submits_through_sbatch(tmp_path, monkeypatch, capsys):
                     "print('Submitted batch job 42')\n")  # fmt: skip
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    assert launch_slurm.main(_args(tmp_path)) == 0
+    assert slurm.main(_args(tmp_path)) == 0
     assert capsys.readouterr().out == "Submitted batch job 42\n"
     assert (tmp_path / "submitted").read_text() == (tmp_path / "job.sbatch").read_text()
 
 
 def test_usage_errors_exit_2(tmp_path, capsys):
-    assert launch_slurm.main(_args(tmp_path, "--config=configs/nope.py", "--dry_run")) == 2
-    assert launch_slurm.main(_args(tmp_path, "--gpu=a100", "--dry_run")) == 2
+    assert slurm.main(_args(tmp_path, "--config=configs/nope.py", "--dry_run")) == 2
+    assert slurm.main(_args(tmp_path, "--gpu=a100", "--dry_run")) == 2
     assert "a100" in capsys.readouterr().err
     assert not (tmp_path / "job.sbatch").exists()
 

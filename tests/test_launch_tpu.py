@@ -19,8 +19,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from veclip_jax import launch_tpu
-from veclip_jax.launch_tpu import Job
+from veclip_jax.cli import tpu
+from veclip_jax.cli.tpu import Job
 
 REPO = Path(__file__).resolve().parent.parent
 B16 = dict(name="veclip-b16", accelerator="v5p-256", zone="us-east5-a", project="P",
@@ -99,35 +99,35 @@ def _verb(argv: list[str]) -> str:
 
 def test_create_command_per_generation_and_capacity():
     job = Job(**B16, spot=True)
-    assert launch_tpu.create_command(job) == [
+    assert tpu.create_command(job) == [
         "gcloud", "alpha", "compute", "tpus", "queued-resources", "create", "veclip-b16", "--project=P",
         "--zone=us-east5-a", "--accelerator-type=v5p-256", "--runtime-version=v2-alpha-tpuv5",
         "--node-id=veclip-b16", "--spot"]  # fmt: skip
     runtimes = {"v4-512": "tpu-ubuntu2204-base", "v5litepod-256": "v2-alpha-tpuv5-lite",
                 "v6e-256": "v2-alpha-tpuv6e", "v5p-128": "v2-alpha-tpuv5"}  # fmt: skip
     for accelerator, runtime in runtimes.items():
-        cmd = launch_tpu.create_command(Job(**{**B16, "accelerator": accelerator}, reserved=True))
+        cmd = tpu.create_command(Job(**{**B16, "accelerator": accelerator}, reserved=True))
         assert f"--runtime-version={runtime}" in cmd and cmd[-1] == "--reserved" and "--spot" not in cmd
 
 
 def test_multislice_nodes_hardware_and_one_ssh_per_slice():
     job = Job(**B16, num_slices=2, repo="R", commit="C")
-    cmd = launch_tpu.create_command(job)
+    cmd = tpu.create_command(job)
     assert "--node-count=2" in cmd and "--node-prefix=veclip-b16" in cmd
     assert not any(a.startswith("--node-id") for a in cmd)
     assert job.hardware == "tpu-v5p-256-2" and job.nodes == ["veclip-b16-0", "veclip-b16-1"]
-    assert "--config.hardware=tpu-v5p-256-2" in launch_tpu.trainer_command(job)
+    assert "--config.hardware=tpu-v5p-256-2" in tpu.trainer_command(job)
 
 
 def test_startup_installs_pinned_project_checks_devices_then_trains():
     job = Job(**B16, overrides=("--config.total_steps=10",), repo="https://x/veclip.git", commit="abc123")
-    lines = launch_tpu.startup_script(job).splitlines()
+    lines = tpu.startup_script(job).splitlines()
     pins = (REPO / "requirements.txt").read_text().splitlines()
     jax_pin = next(line for line in pins if line.startswith("jax=="))
     assert lines[0] == "set -euo pipefail"  # a failed step (device check: exit 2) stops the script
     order = ["git clone -q https://x/veclip.git", "git checkout -q --force abc123", "pip install -q -r",
              "pip install -q --no-deps -e .", f'pip install -q "jax[tpu]=={jax_pin[5:]}"',
-             "python -m veclip_jax.launch_tpu check-devices --hardware=tpu-v5p-256",
+             "python launch/tpu.py check-devices --hardware=tpu-v5p-256",
              "python launch/train.py"]  # fmt: skip
     found = [next(i for i, line in enumerate(lines) if step in line) for step in order]
     assert found == sorted(found), lines
@@ -137,30 +137,30 @@ def test_startup_installs_pinned_project_checks_devices_then_trains():
                      "--config.total_steps=10"]  # fmt: skip
     assert "torch" not in lines[lines.index(next(x for x in lines if "grep -vE" in x))].split(">")[-1]
     assert any(line.startswith("pip install -q gcsfs") for line in lines)  # gs:// workdir: epath needs it
-    script = launch_tpu.startup_script(job)
+    script = tpu.startup_script(job)
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid bash
     local = Job(**{**B16, "workdir": "/mnt/run"}, repo="R", commit="C")
-    assert "gcsfs" not in launch_tpu.startup_script(local)
+    assert "gcsfs" not in tpu.startup_script(local)
 
 
 def test_check_devices_exit_code():
     def chips(n: int, kind: str = "TPU v5") -> list:
         return [SimpleNamespace(device_kind=kind, coords=(i, 0, 0)) for i in range(n)]
 
-    assert launch_tpu.check_devices_main("tpu-v5p-256", devices=chips(128)) == 0
-    assert launch_tpu.check_devices_main("tpu-v5p-256", devices=chips(64)) == 2  # half the pod
-    assert launch_tpu.check_devices_main("tpu-v5p-256", devices=chips(128, "TPU v4")) == 2
+    assert tpu.check_devices_main("tpu-v5p-256", devices=chips(128)) == 0
+    assert tpu.check_devices_main("tpu-v5p-256", devices=chips(64)) == 2  # half the pod
+    assert tpu.check_devices_main("tpu-v5p-256", devices=chips(128, "TPU v4")) == 2
 
 
 def test_dry_run_prints_every_command_and_runs_none(fake_gcloud, capsys):
-    assert launch_tpu.main(["run", *COMMON, "--spot", "--dry_run", "--", "--config.seed=3"]) == 0
+    assert tpu.main(["run", *COMMON, "--spot", "--dry_run", "--", "--config.seed=3"]) == 0
     out = capsys.readouterr().out
     commands = [shlex.split(chunk) for chunk in out.strip().removeprefix("$ ").split("\n$ ")]
     assert [_verb(c) for c in commands] == ["create", "describe", "ssh"]
     assert commands[2][-1].endswith("--config.seed=3 2>&1 | tee -a ~/veclip-logs/veclip-b16.log")
     assert fake_gcloud.log() == []  # nothing ran
     for action in ("create", "status", "logs", "delete"):
-        assert launch_tpu.main([action, *COMMON, "--dry_run"]) == 0
+        assert tpu.main([action, *COMMON, "--dry_run"]) == 0
         assert capsys.readouterr().out.startswith("$ gcloud ")
     assert fake_gcloud.log() == []
 
@@ -168,7 +168,7 @@ def test_dry_run_prints_every_command_and_runs_none(fake_gcloud, capsys):
 def test_run_watch_survives_a_preemption(fake_gcloud, capsys):
     fake_gcloud.plays({"rc": 255, "preempt": True}, {"rc": 0})
     sleeps: list[float] = []
-    rc = launch_tpu.main(["run", *COMMON, "--spot", "--watch", "--poll_s=5"], sleep=sleeps.append)
+    rc = tpu.main(["run", *COMMON, "--spot", "--watch", "--poll_s=5"], sleep=sleeps.append)
     assert rc == 0
     log = fake_gcloud.log()
     assert [_verb(a) for a in log] == [
@@ -183,21 +183,21 @@ def test_run_watch_survives_a_preemption(fake_gcloud, capsys):
 
 def test_run_without_watch_or_on_an_active_slice_returns_the_exit_code(fake_gcloud):
     fake_gcloud.plays({"rc": 255, "preempt": True}, {"rc": 0})
-    assert launch_tpu.main(["run", *COMMON, "--spot", "--poll_s=0"], sleep=lambda s: None) == 255
+    assert tpu.main(["run", *COMMON, "--spot", "--poll_s=0"], sleep=lambda s: None) == 255
     assert sum("ssh" in a for a in fake_gcloud.log()) == 1
     fake_gcloud.state.unlink()
     fake_gcloud.plays({"rc": 0}, {"rc": 2})  # play 2: a config error on a live slice
-    assert launch_tpu.main(["run", *COMMON, "--watch", "--poll_s=0"], sleep=lambda s: None) == 2
+    assert tpu.main(["run", *COMMON, "--watch", "--poll_s=0"], sleep=lambda s: None) == 2
     assert sum("ssh" in a for a in fake_gcloud.log()) == 2  # not re-run: re-running would not help
 
 
 def test_usage_errors_exit_2(capsys):
-    assert launch_tpu.main(["run", *COMMON, "--accelerator=h100-32", "--dry_run"]) == 2
-    assert launch_tpu.main(["run", *[a for a in COMMON if not a.startswith("--zone")], "--dry_run"]) == 2
-    assert launch_tpu.main(["run", *COMMON, "--config=configs/nope.py", "--dry_run"]) == 2
+    assert tpu.main(["run", *COMMON, "--accelerator=h100-32", "--dry_run"]) == 2
+    assert tpu.main(["run", *[a for a in COMMON if not a.startswith("--zone")], "--dry_run"]) == 2
+    assert tpu.main(["run", *COMMON, "--config=configs/nope.py", "--dry_run"]) == 2
     assert "configs/nope.py" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        launch_tpu.main(["run", *COMMON, "--spot", "--reserved"])
+        tpu.main(["run", *COMMON, "--spot", "--reserved"])
 
 
 def test_launch_script_is_thin():
@@ -210,10 +210,10 @@ def test_launch_script_is_thin():
 def test_run_watch_looks_again_when_ssh_drops_before_the_state_changes(fake_gcloud):
     fake_gcloud.plays({"rc": 255, "late_preempt": True}, {"rc": 0})
     sleeps: list[float] = []
-    assert launch_tpu.main(["run", *COMMON, "--spot", "--watch", "--poll_s=7"], sleep=sleeps.append) == 0
+    assert tpu.main(["run", *COMMON, "--spot", "--watch", "--poll_s=7"], sleep=sleeps.append) == 0
     verbs = [_verb(a) for a in fake_gcloud.log()]
     assert verbs[4:9] == ["ssh", "describe", "describe", "describe", "delete"]  # ACTIVE, then SUSPENDED
     assert verbs.count("ssh") == 2 and sleeps == [7, 7, 7]
     fake_gcloud.state.unlink()
     fake_gcloud.plays({"rc": 0}, {"rc": 0}, {"rc": 255})  # ssh fails on a slice that stays ACTIVE
-    assert launch_tpu.main(["run", *COMMON, "--watch", "--poll_s=0"], sleep=lambda s: None) == 255
+    assert tpu.main(["run", *COMMON, "--watch", "--poll_s=0"], sleep=lambda s: None) == 255

@@ -3,6 +3,7 @@ non-finite steps, logging and evaluation, init_from."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
@@ -20,10 +21,13 @@ import pytest
 
 import veclip_jax
 from tests.helpers import TINY_RUN_STEPS, tiny_run_config
-from veclip_jax.data import captions, demo, image_ops, records
+from veclip_jax.data import captions, demo, records
+from veclip_jax.eval.datasets import load_image
+from veclip_jax.run.checkpoint import restore_params
+from veclip_jax.run.workdir import read_jsonl
 from veclip_jax.train import loop
-from veclip_jax.train.checkpoint import Checkpointer, CheckpointSaveError, restore_params
-from veclip_jax.train.metrics import MetricsWriter, read_jsonl
+from veclip_jax.train.checkpoint import Checkpointer, CheckpointSaveError
+from veclip_jax.train.metrics import MetricsWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
@@ -147,8 +151,12 @@ def test_images_per_sec_counts_training_time_only(demo_cache, tmp_path, monkeypa
 
         return timed
 
-    make_step = loop.make_train_step
-    monkeypatch.setattr(loop, "make_train_step", lambda *a, **k: taking(0.25, make_step(*a, **k)))
+    def timed_step(*args, **kwargs):
+        run = assemble(*args, **kwargs)
+        return dataclasses.replace(run, step=taking(0.25, run.step))
+
+    assemble = loop.assemble
+    monkeypatch.setattr(loop, "assemble", timed_step)
     monkeypatch.setattr(loop, "_evaluate", taking(100.0, loop._evaluate))
     monkeypatch.setattr(loop, "_save", taking(100.0, loop._save))
     config = _config(demo_cache)  # log_every=1, evaluating and saving every K steps
@@ -174,8 +182,7 @@ def test_evaluation_is_a_hand_count_on_the_held_out_split_with_the_saved_paramet
     model = veclip_jax.load(workdir)  # the last checkpoint: the parameters of the last evaluation
     config = _config(demo_cache)
     held_out = list(records.RecordReader([demo.ensure_demo_data(demo_cache).eval_file]))
-    size = config.model.vision.image_size
-    images = model.encode_image(np.stack([image_ops.decode_eval_image(r.jpeg, size) for r in held_out]))
+    images = model.encode_image([load_image(r.jpeg) for r in held_out])  # as the evaluator reads them
     want = {}
     for name, entry in config.evals.items():
         if entry.type != "zeroshot_classification":

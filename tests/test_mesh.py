@@ -22,3 +22,10 @@ def test_a_shape_the_topology_cannot_hold_is_an_error_naming_the_field(monkeypat
     monkeypatch.setattr(mesh_lib.jax, "make_mesh", refuses)
     with pytest.raises(ValueError, match=r"config\.mesh=\{'data': 2, 'fsdp': 4, 'tensor': 1\}.*physical"):
         mesh_lib.make_mesh(dict(data=2, fsdp=4, tensor=1))
+
+
+def test_the_mesh_is_built_over_the_axis_names_of_parallel_axes():
+    from veclip_jax.parallel.axes import BATCH_AXES, MESH_AXES
+
+    m = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    assert tuple(m.axis_names) == MESH_AXES and set(BATCH_AXES) <= set(MESH_AXES)

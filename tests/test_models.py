@@ -12,7 +12,7 @@ from scipy.special import erf
 
 from tests.helpers import random_batch
 from veclip_jax import defaults
-from veclip_jax.models.clip import build_model, dummy_inputs, param_count, param_logical_specs
+from veclip_jax.config import validate_config
 from veclip_jax.models.layers import (
     Attention,
     TransformerConfig,
@@ -21,6 +21,8 @@ from veclip_jax.models.layers import (
     layer_norm,
     quick_gelu,
 )
+from veclip_jax.objectives.model import build as build_model
+from veclip_jax.objectives.model import init_params, param_count, param_logical_specs
 from veclip_jax.parallel.rules import DEFAULT_RULES
 
 # HF transformers' CLIPModel counts (OpenAI vocabulary 49,408, 224 px):
@@ -80,7 +82,7 @@ def test_parameter_tree_mirrors_hf_clipmodel_names():
 def test_every_parameter_has_logical_axis_names_known_to_the_rules():
     model = build_model(defaults.model_config("tiny"))
     specs = param_logical_specs(model)
-    shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model))["params"]))
+    shapes = nn.unbox(jax.eval_shape(lambda: init_params(model, jax.random.key(0))))
     known = {name for name, _ in DEFAULT_RULES}
     for spec, shape in zip(
         jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
@@ -99,7 +101,7 @@ def test_stacked_layers_carry_the_layers_axis():
 
 def _init(config):
     model = build_model(config.model)
-    params = jax.jit(lambda r: nn.unbox(model.init(r, *dummy_inputs(model))["params"]))(jax.random.key(0))
+    params = jax.jit(lambda r: nn.unbox(init_params(model, r)))(jax.random.key(0))
     return model, params
 
 
@@ -162,7 +164,7 @@ def _layer_norm_epsilons(model_cfg) -> dict[str, float]:
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model)))
+        jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     return seen
 
 
@@ -246,8 +248,8 @@ def test_attention_implementation_choice():
     assert attention_implementation("cudnn", jnp.float32) == "cudnn"
     config = defaults.get_config()
     config.model.attention = "flash"
-    with pytest.raises(ValueError, match="model.attention"):
-        build_model(config.model)
+    with pytest.raises(ValueError, match="model.attention"):  # refused by the one config check
+        validate_config(config)
 
 
 def _attention(attention: str) -> Attention:

@@ -60,8 +60,8 @@ def test_two_hosts_train_save_resume_and_evaluate_as_one_process(tmp_path, demo_
     """The loop's multi-host paths: per-process input slices and iterator states in one Orbax
     checkpoint, summed bad-record counts, the preemption sync point, evaluation on a global mesh."""
     from tests.helpers import multihost_loop_config
+    from veclip_jax.run.workdir import read_jsonl
     from veclip_jax.train import loop
-    from veclip_jax.train.metrics import read_jsonl
 
     logs = _two_host_run(tmp_path / "hosts", demo_cache, stop_after=3)
     assert "process 0: step 3 from 0" in logs[0] and "process 1: step 3 from 0" in logs[1]

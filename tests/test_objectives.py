@@ -52,21 +52,19 @@ from PIL import Image
 
 import veclip_jax
 from tests.helpers import differing_leaves, host_copy, logged_metrics, tiny_run_config
-from veclip_jax import recipes_declip
-from veclip_jax.bench.step import synthetic_batch
 from veclip_jax.config import ConfigError, validate_config
 from veclip_jax.data import demo, records
 from veclip_jax.data.tokenizer import Tokenizer
 from veclip_jax.hf.to_hf import OBJECTIVE_NOTES, export_checkpoint, params_to_hf, save_hf_directory
-from veclip_jax.models.clip import CLIP, abstract_params, build_model
 from veclip_jax.objectives import make_objective
+from veclip_jax.objectives.model import abstract_params, build
 from veclip_jax.parallel.mesh import global_batch, make_mesh
-from veclip_jax.parallel.rules import rules_from_config
+from veclip_jax.recipes import declip as recipes_declip
+from veclip_jax.run.checkpoint import restore_params
 from veclip_jax.train import loop
-from veclip_jax.train.checkpoint import restore_params
-from veclip_jax.train.optim import learning_rate_schedule, make_optimizer
-from veclip_jax.train.state import TrainState, init_train_state, state_shardings
-from veclip_jax.train.step import make_train_step
+from veclip_jax.train.assembly import Assembly, assemble, synthetic_batch
+from veclip_jax.train.optim import learning_rate_schedule
+from veclip_jax.train.state import TrainState, state_shardings
 
 OBJECTIVES = ("slip", "declip", "filip", "defilip")
 MESHES = {
@@ -107,12 +105,7 @@ def _run_config(name: str, demo_cache: str = "", **fields: Any):
 class _Stepper:
     """The train step of an objective's run config on a mesh, built as loop.train builds it."""
 
-    mesh: Any
-    model: CLIP
-    tx: Any
-    rules: Any
-    shardings: TrainState
-    step: Any
+    run: Assembly
     initial: TrainState  # init_train_state's state from the config's seed, on the host
     placement: TrainState  # ... and where init_train_state put each array
 
@@ -122,10 +115,10 @@ class _Stepper:
 
     def batch(self, edit: Any = None) -> dict[str, jax.Array]:
         """The synthetic batch (every input the objective reads; `edit` may change its numpy arrays)."""
-        local = synthetic_batch(self.model, BATCH, self.model.eos_id)
+        local = synthetic_batch(self.run, BATCH)
         if edit is not None:
             edit(local)
-        return global_batch(self.mesh, local)
+        return global_batch(self.run.mesh, local)
 
 
 @functools.cache
@@ -133,16 +126,10 @@ def _stepper(name: str, mesh_name: str) -> _Stepper:
     c = _run_config(name)
     c.mesh.update(MESHES[mesh_name])
     mesh = make_mesh(c.mesh, jax.devices()[:1] if mesh_name == "one_device" else None)
-    model = build_model(c.model, objective_cfg=c.objective)
-    tx = make_optimizer(c.optim, c.total_steps)
-    rules = rules_from_config(c)
-    init = init_train_state(model, tx, mesh, jax.random.key(c.seed), rules)
-    lr, objective = learning_rate_schedule(c.optim, c.total_steps), make_objective(c.objective)
-    step = make_train_step(
-        model, tx, mesh, init.shardings, rules=rules, learning_rate_fn=lr, objective=objective
-    )
-    placement = jax.tree.map(lambda x: x.sharding, init.state)
-    return _Stepper(mesh, model, tx, rules, init.shardings, step, host_copy(init.state), placement)
+    run = assemble(c, mesh)
+    state = run.init_state(jax.random.key(c.seed))
+    placement = jax.tree.map(lambda x: x.sharding, state)
+    return _Stepper(run, host_copy(state), placement)
 
 
 @functools.cache
@@ -151,7 +138,7 @@ def _one_step(name: str, mesh_name: str) -> tuple[TrainState, TrainState, dict[s
     s = _stepper(name, mesh_name)
     state = s.init()
     before = host_copy(state)
-    state, metrics = s.step(state, s.batch())
+    state, metrics = s.run.step(state, s.batch())
     return before, host_copy(state), {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
@@ -215,7 +202,7 @@ def test_a_skipped_non_finite_step_leaves_the_queue_unchanged():
     def nan_pixel(batch):  # one pixel of one view: the loss is NaN, the text embeddings are finite
         batch["views"][3, 1, 0, 0, 0] = np.nan
 
-    state, metrics = s.step(state, s.batch(nan_pixel))
+    state, metrics = s.run.step(state, s.batch(nan_pixel))
     skipped = host_copy(state)
     assert not math.isfinite(float(metrics["loss"])) and float(metrics["step_applied"]) == 0.0
     assert int(skipped.step) == 0 and int(skipped.nonfinite_steps) == 1
@@ -224,7 +211,7 @@ def test_a_skipped_non_finite_step_leaves_the_queue_unchanged():
     assert differing_leaves(skipped.opt_state, before.opt_state) == []
 
     # The next, finite, step is applied and pushes its 2B text embeddings.
-    state, metrics = s.step(state, s.batch())
+    state, metrics = s.run.step(state, s.batch())
     applied = host_copy(state)
     assert float(metrics["step_applied"]) == 1.0 and int(applied.nonfinite_steps) == 1
     assert int(applied.objective_state["ptr"]) == 2 * BATCH
@@ -236,15 +223,15 @@ def test_a_skipped_non_finite_step_leaves_the_queue_unchanged():
 
 def test_the_queue_is_sharded_over_its_rows_by_the_queue_rule():
     s = _stepper("declip", FAST_MESH)
-    want = s.shardings.objective_state
+    want = s.run.shardings.objective_state
     assert want["queue"].spec == P(("data", "fsdp"), None)  # rows over data x fsdp, as the examples
     assert want["ptr"].spec == P()
-    size, dim = recipes_declip.TINY_HEADS["declip"]["queue_size"], s.model.embed_dim
+    size, dim = recipes_declip.TINY_HEADS["declip"]["queue_size"], s.run.model.towers.embed_dim
     placed = s.placement.objective_state["queue"]  # where init_train_state put it
     assert placed.is_equivalent_to(want["queue"], 2) and placed.shard_shape((size, dim)) == (size // 4, dim)
     # The placement comes from the rule: another rule moves it.
-    rules = tuple((k, "tensor" if k == "queue" else v) for k, v in s.rules)
-    moved = state_shardings(s.model, s.tx, s.mesh, rules).objective_state["queue"]
+    rules = tuple((k, "tensor" if k == "queue" else v) for k, v in s.run.rules)
+    moved = state_shardings(s.run.model, s.run.tx, s.run.mesh, rules).objective_state["queue"]
     assert moved.spec == P("tensor", None)
 
 
@@ -323,8 +310,8 @@ def test_loss_falls_on_the_demo_data(trained, name):
 def test_the_heads_live_under_params_objective_and_the_rest_is_clips_tree(name):
     """What init_from starts fresh and export drops is params["objective"]: nothing else may be a head."""
     config = _run_config(name)
-    params = abstract_params(build_model(config.model, objective_cfg=config.objective))
-    clip = abstract_params(build_model(config.model))
+    params = abstract_params(build(config.model, make_objective(config.objective)))
+    clip = abstract_params(build(config.model))
     assert params["objective"] and jax.tree.structure(_towers(params)) == jax.tree.structure(clip)
 
 
@@ -425,7 +412,7 @@ def test_export_drops_the_heads_says_so_and_keeps_the_towers_embeddings(
 
 def test_filip_export_says_clipmodel_has_no_token_wise_similarity(demo_cache, tmp_path, caplog):
     config = _run_config("filip", demo_cache)
-    model = build_model(config.model, objective_cfg=config.objective)
+    model = build(config.model, make_objective(config.objective))
     params = jax.tree.map(lambda x: np.full(x.shape, 0.01, np.float32), abstract_params(model))
     tokenizer = Tokenizer(demo.ensure_demo_data(demo_cache).tokenizer, config.model.text.context_length)
     with caplog.at_level(logging.INFO, logger="veclip_jax.hf.to_hf"):

@@ -8,13 +8,13 @@ import pytest
 from flax import traverse_util
 
 from veclip_jax import defaults
-from veclip_jax.models.clip import build_model, dummy_inputs
+from veclip_jax.objectives.model import build, init_params
 from veclip_jax.train.optim import decay_mask, learning_rate_schedule, make_optimizer
 
 
 def _tiny_params():
-    model = build_model(defaults.model_config("tiny"))
-    return nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model))["params"]))
+    model = build(defaults.model_config("tiny"))
+    return nn.unbox(jax.eval_shape(lambda: init_params(model, jax.random.key(0))))
 
 
 def test_weight_decay_mask_excludes_biases_norms_class_token_positions_and_scale():

@@ -13,13 +13,14 @@ import jax
 import numpy as np
 import pytest
 
-from veclip_jax import defaults, recipes
+from veclip_jax import defaults
 from veclip_jax.config import ConfigError, validate_config
 from veclip_jax.errors import UserError
 from veclip_jax.parallel import hardware
+from veclip_jax.recipes import veclip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER = sorted(recipes.RUNS)
+PAPER = sorted(veclip.RUNS)
 GOLDEN_COMPILE = os.path.join(ROOT, "tests", "golden_compile.json")
 
 
@@ -42,7 +43,7 @@ def test_a_paper_config_without_data_is_refused_naming_the_data_fields(name):
 @pytest.mark.parametrize("name", PAPER)
 def test_a_paper_config_states_the_papers_numbers_and_its_recipe(name):
     doc = importlib.import_module(f"configs.{name}").__doc__
-    run = recipes.RUNS[name]
+    run = veclip.RUNS[name]
     assert f"ImageNet top-1 {run.results['imagenet']:.2f}" in doc
     assert f"global batch {run.batch_size:,}" in doc and run.hardware in doc and "not from the paper" in doc
     config = _paper(name)
@@ -50,7 +51,7 @@ def test_a_paper_config_states_the_papers_numbers_and_its_recipe(name):
     assert config.model.vision.width == defaults.MODEL_SIZES[run.size]["vision"]["width"]
 
 
-# The :local variants share one base (recipes.local_base; their configs are pinned by golden files):
+# The :local variants share one base (veclip.local_base; their configs are pinned by golden files):
 # CI trains one of each kind (a VeCLIP mix, AltText-only CLIP, a two-corpus mixture at 336 px).
 IN_CI = ("vecap200m_b16", "vecap12m_clip_b16", "dfn_vecap300m_h14_336")
 
@@ -79,13 +80,30 @@ def test_every_local_variant_trains_on_the_cpu(name, demo_cache, tmp_path):
     ],
 )
 def test_the_hardware_picks_its_rule(name, devices, mesh, remat):
-    config = _paper("vecap200m_b16")
-    config.hardware = name
-    hardware.apply_mesh_rules(config)
+    given = _paper("vecap200m_b16")
+    given.hardware = name
+    config, _ = hardware.apply_mesh_rules(given)
     assert {k: config.mesh[k] for k in mesh} == mesh
     assert config.model.remat == remat and config.model.dtype == "bfloat16"
     assert config.mesh.slices == (2 if name.endswith("-2") else 1)
     assert hardware.parse_hardware(name).total_chips == devices
+
+
+def test_the_mesh_rule_is_applied_to_a_copy_that_is_checked_once():
+    from veclip_jax.config import CheckedConfig, check_config
+
+    given = _paper("vecap200m_b16", "local")
+    given.hardware, given.mesh_rules = "tpu-v5p-8", (("tpu-v5p-.*", {"model.remat": "dots_no_batch"}),)
+    before = given.to_json_best_effort(sort_keys=True)
+    applied, rule = hardware.apply_mesh_rules(given)
+    assert (rule, applied.model.remat, applied.mesh.slices) == ("tpu-v5p-.*", "dots_no_batch", 1)
+    assert given.to_json_best_effort(sort_keys=True) == before  # the given config is not changed
+    checked = check_config(given)
+    assert isinstance(checked, CheckedConfig) and checked.mesh_rule == "tpu-v5p-.*"
+    assert checked.verified().model.remat == "dots_no_batch" != given.model.remat
+    checked.config.batch_size = 7  # changed after the check: train() would refuse it
+    with pytest.raises(ConfigError, match="changed after check_config"):
+        checked.verified()
 
 
 def test_a_bad_hardware_name_and_a_rule_naming_no_field_are_refused():
@@ -107,20 +125,17 @@ def test_training_refuses_devices_that_are_not_the_named_hardware():
 def test_model_flops_follow_xlas_count_of_the_unrolled_step():
     from tests.helpers import random_batch
     from veclip_jax.bench.step import step_flops
-    from veclip_jax.models.clip import build_model
     from veclip_jax.parallel.mesh import global_batch, make_mesh
     from veclip_jax.train.aot import train_flops_per_step
-    from veclip_jax.train.optim import make_optimizer
-    from veclip_jax.train.state import init_train_state
+    from veclip_jax.train.assembly import assemble
 
     config = defaults.get_config("tiny")
     config.model.vision.update(width=128, mlp_dim=512)
     config.model.text.update(width=128, mlp_dim=512)
     mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    tx = make_optimizer(config.optim, config.total_steps)
-    init = init_train_state(build_model(config.model), tx, mesh, jax.random.key(0))
+    run = assemble(config, mesh)
     batch = global_batch(mesh, random_batch(config, config.batch_size))
-    xla = step_flops(config, mesh, tx, init, batch)
+    xla = step_flops(run, run.init_state(jax.random.key(0)), batch)
     assert train_flops_per_step(config) == pytest.approx(xla, rel=0.05)
 
 
@@ -176,7 +191,7 @@ def test_the_golden_table_covers_every_paper_config_and_each_fits_its_pod():
         table = json.load(f)
     assert sorted(table) == PAPER
     for name, row in table.items():
-        assert row["hardware"] == recipes.RUNS[name].hardware
+        assert row["hardware"] == veclip.RUNS[name].hardware
         assert row["peak_bytes"] <= row["hbm_bytes"], name
 
 
@@ -208,7 +223,7 @@ def test_regenerate_the_golden_compile_table(tmp_path):
             compiled[key] = json.loads(out.read_text())
         r = compiled[key]
         table[name] = {k: r[k] for k in _GOLDEN_FIELDS}
-        table[name]["hardware"] = recipes.RUNS[name].hardware
+        table[name]["hardware"] = veclip.RUNS[name].hardware
     if os.environ.get("UPDATE_GOLDEN") == "1":
         with open(GOLDEN_COMPILE, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)

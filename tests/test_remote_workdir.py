@@ -11,10 +11,10 @@ import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from veclip_jax.config import ConfigError
+from veclip_jax.errors import ConfigError
 from veclip_jax.fileio import append_text, as_path, atomic_write_json, is_local, normalize
-from veclip_jax.train.metrics import MetricsWriter, read_jsonl
-from veclip_jax.workdir import WorkdirLock, keep_tokenizer
+from veclip_jax.run.workdir import WorkdirLock, keep_tokenizer, read_jsonl
+from veclip_jax.train.metrics import MetricsWriter
 
 RUN = "gs://bucket/run"
 

@@ -13,12 +13,12 @@ from jax.sharding import NamedSharding
 from tests.helpers import random_batch, tiny_config, tiny_run_config
 from veclip_jax.config import ConfigError, validate_config
 from veclip_jax.hf.to_hf import params_to_hf
-from veclip_jax.models.clip import build_model
 from veclip_jax.objectives import make_objective
+from veclip_jax.objectives.model import build
 from veclip_jax.objectives.siglip import siglip_loss
 from veclip_jax.parallel.mesh import global_batch, make_mesh
 from veclip_jax.parallel.rules import batch_spec
-from veclip_jax.train.metrics import read_jsonl
+from veclip_jax.run.workdir import read_jsonl
 from veclip_jax.train.optim import make_optimizer
 from veclip_jax.train.state import init_train_state
 from veclip_jax.train.step import make_train_step
@@ -117,13 +117,10 @@ def _siglip_config(**optim):
 
 def _run(config, mesh_cfg, batches, devices=None):
     mesh = make_mesh(mesh_cfg, devices)
-    model = build_model(config.model, objective_cfg=config.objective)
+    model = build(config.model, make_objective(config.objective))
     tx = make_optimizer(config.optim, total_steps=100)
     init = init_train_state(model, tx, mesh, jax.random.key(config.seed))
-    step = make_train_step(
-        model, tx, mesh, init.shardings, grad_accum_steps=config.optim.grad_accum_steps,
-        objective=make_objective(config.objective),
-    )  # fmt: skip
+    step = make_train_step(model, tx, mesh, init.shardings, grad_accum_steps=config.optim.grad_accum_steps)
     state, losses = init.state, []
     for batch in batches:
         state, metrics = step(state, global_batch(mesh, batch))
@@ -147,15 +144,15 @@ def _max_diff(a, b) -> float:
 
 def test_siglip_owns_bias_and_temperature_init_in_the_params_tree():
     config = _siglip_config()
-    model = build_model(config.model, objective_cfg=config.objective)
+    model = build(config.model, make_objective(config.objective))
     init = init_train_state(
         model, make_optimizer(config.optim, 10), make_mesh(MESHES["data8"]), jax.random.key(0)
     )
     params = jax.device_get(init.state.params)
     assert float(params["objective"]["bias"]) == -10.0
     np.testing.assert_allclose(params["logit_scale"], math.log(10.0), rtol=1e-6)
-    clip = build_model(tiny_config().model)  # CLIP: no objective/ entry, the usual temperature
-    assert clip.objective_spec.heads(clip.dims) is None
+    clip = build(tiny_config().model)  # CLIP: no objective/ entry, the usual temperature
+    assert clip.spec.heads(clip.dims) is None
 
 
 @pytest.mark.parametrize("name", ["data2_fsdp4", "data2_fsdp2_tensor2"])
@@ -197,9 +194,9 @@ def test_objective_without_exact_accumulation_refuses_grad_accum(monkeypatch):
     config.optim.grad_accum_steps = 1
     validate_config(config, num_devices=8)
     # The step refuses too, for callers that skip the config check.
-    model = build_model(config.model, objective_cfg=config.objective)
+    model = build(config.model, token_level)
     with pytest.raises(ValueError, match="grad_accum_steps=2"):
-        make_train_step(model, None, None, None, grad_accum_steps=2, objective=token_level)
+        make_train_step(model, None, None, None, grad_accum_steps=2)
 
 
 def test_export_drops_the_objectives_parameters_and_says_so(one_device, caplog):
@@ -225,7 +222,7 @@ def test_siglip_loss_falls_on_the_demo_data(demo_cache, tmp_path):
     assert "logit_bias" in lines[-1]  # the loop logs the objective's metrics by name
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
     # The trained checkpoint loads for inference and export, objective parameters included.
-    from veclip_jax.train.checkpoint import load_trained_params
+    from veclip_jax.run.checkpoint import load_trained_params
 
     trained = load_trained_params(str(tmp_path))
     assert float(trained.params["objective"]["bias"]) != -10.0

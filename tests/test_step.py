@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import random_batch, tiny_config
-from veclip_jax.models.clip import build_model
+from veclip_jax.objectives.model import build
 from veclip_jax.parallel.mesh import global_batch, make_mesh, mesh_shape
 from veclip_jax.train.optim import make_optimizer
 from veclip_jax.train.state import init_train_state
@@ -25,7 +25,7 @@ BATCH = 16
 def _run(config, mesh_cfg, batches, devices=None):
     """Initialises from seed 0 on the mesh and applies one step per batch."""
     mesh = make_mesh(mesh_cfg, devices)
-    model = build_model(config.model)
+    model = build(config.model)
     tx = make_optimizer(config.optim, total_steps=100)
     init = init_train_state(model, tx, mesh, jax.random.key(config.seed))
     step = make_train_step(model, tx, mesh, init.shardings, grad_accum_steps=config.optim.grad_accum_steps)
@@ -105,7 +105,7 @@ def _differing_leaves(a, b) -> list[str]:
 def test_non_finite_loss_leaves_parameters_and_optimizer_state_unchanged_and_counts_it():
     config = tiny_config()
     mesh = make_mesh(dict(data=8, fsdp=1, tensor=1))
-    model = build_model(config.model)
+    model = build(config.model)
     tx = make_optimizer(config.optim, total_steps=100)
     init = init_train_state(model, tx, mesh, jax.random.key(config.seed))
     step = make_train_step(model, tx, mesh, init.shardings)

@@ -16,46 +16,38 @@ mean/std: what an exported model's CLIPImageProcessor does); for a HF
 directory, what its preprocessor_config.json says; for a directory without
 one (the released VeCLIP checkpoints), VeCLIP's own (TF-style bilinear resize
 without antialiasing, centre crop).
+
+The loading is the run layer's (veclip_jax/run/load.py, shared with
+standalone evaluation); this module adds the encoding on one device. It
+imports neither the trainer nor the evaluation package.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from PIL import Image
 
-from veclip_jax.data.image_ops import EvalPreprocess
-from veclip_jax.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
-from veclip_jax.eval.encoders import Encoders
-from veclip_jax.hf.from_hf import hf_preprocess, import_hf, is_hf_clip_dir
-from veclip_jax.models.clip import CLIP, build_model
 from veclip_jax.parallel.mesh import make_mesh, replicated
-from veclip_jax.train.checkpoint import load_trained_params
-from veclip_jax.workdir import find_tokenizer
-
-log = logging.getLogger(__name__)
+from veclip_jax.run.inference import Encoders
+from veclip_jax.run.load import LoadedModel, load_model
 
 ImageLike = Image.Image | np.ndarray
 
 
 @dataclasses.dataclass
-class LoadedCLIP:
-    """A CLIP model with its tokenizer and preprocessing (see the module doc)."""
+class LoadedCLIP(LoadedModel):
+    """A CLIP model with its tokenizer and preprocessing (see the module doc).
 
-    model: CLIP
-    params: Any
-    model_config: ml_collections.ConfigDict
-    tokenizer: Tokenizer | HFTokenizer
-    preprocess: EvalPreprocess
-    source: str  # what was loaded (a checkpoint step directory or a HF directory)
+    Fields: model, params, model_config, tokenizer, preprocess, source (what
+    was loaded: a checkpoint step directory or a HF directory), batch_size.
+    """
+
     batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -68,7 +60,7 @@ class LoadedCLIP:
     def logit_scale(self) -> float:
         """exp(learned temperature), clipped as in training: multiply cosine similarities by it."""
         raw = float(np.asarray(self.params["logit_scale"]))
-        return math.exp(min(raw, math.log(self.model.logit_scale_max)))
+        return math.exp(min(raw, math.log(self.model.towers.logit_scale_max)))
 
     def tokenize(self, texts: Sequence[str] | str) -> np.ndarray:
         """int32 [n, context_length] token rows, end-of-text and padding included."""
@@ -96,7 +88,7 @@ class LoadedCLIP:
                             f"not {type(images).__name__}")  # fmt: skip
         pixels = [self.preprocess(_checked_image(im)) for im in images]
         if not pixels:
-            return np.zeros((0, self.model.embed_dim), np.float32)
+            return np.zeros((0, self.model.towers.embed_dim), np.float32)
         return self._encoders.images(self.params, np.stack(pixels))
 
 
@@ -122,29 +114,6 @@ def _checked_image(image: Any) -> Image.Image | np.ndarray:
     return image[..., :3]
 
 
-
-
-def _load_ours(path: str, step: int | None, tokenizer: str | None, batch_size: int) -> LoadedCLIP:
-    trained = load_trained_params(path, step)
-    cfg = trained.model_config
-    tok = load_tokenizer(
-        tokenizer or find_tokenizer(trained.checkpoint),
-        cfg.text.context_length,
-        pad_id=cfg.text.pad_id,
-        eos_id=cfg.text.eos_id,
-    )
-    size = cfg.vision.image_size
-    preprocess = EvalPreprocess(size, size)
-    # With the run's objective: its heads are in the parameters, and a FILIP run is evaluated through
-    # them (token-wise, veclip_jax/eval/tokenwise.py).
-    model = build_model(cfg, objective_cfg=trained.objective_config)
-    return LoadedCLIP(model, trained.params, cfg, tok, preprocess, trained.checkpoint, batch_size)
-
-
-
-
-
-
 def load(
     path: str,
     *,
@@ -161,10 +130,5 @@ def load(
         directory without one (or to override the one found).
       batch_size: images or texts per compiled encoding call.
     """
-    path = os.path.expanduser(path)
-    if is_hf_clip_dir(path):
-        model_cfg, params, tok = import_hf(path, tokenizer)
-        model = build_model(model_cfg)
-        preprocess = hf_preprocess(path, model_cfg.vision.image_size)
-        return LoadedCLIP(model, params, model_cfg, tok, preprocess, os.path.abspath(path), batch_size)
-    return _load_ours(path, step, tokenizer, batch_size)
+    m = load_model(path, tokenizer=tokenizer, step=step)
+    return LoadedCLIP(m.model, m.params, m.model_config, m.tokenizer, m.preprocess, m.source, batch_size)

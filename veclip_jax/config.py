@@ -10,83 +10,40 @@ raises `ConfigError` naming the first offending field, e.g.
 The mesh and the batch are checked against the devices and processes the run
 will use, so a mesh that does not fit fails here rather than after the data
 and model are built.
+
+Every field check goes through the one typed checker, veclip_jax/schema.py
+(the evaluation entries and the objectives' sub-sections too). A run's config
+is checked once: `check_config` applies the hardware's mesh rule (a new
+config) and validates it, returning a `CheckedConfig`; the CLI does this
+before JAX starts, and `train()` given a CheckedConfig runs only what needs the
+devices (`validate_layout`, the devices' kind).
 """
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import math
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
 
-from veclip_jax import defaults
-from veclip_jax.errors import UserError
+from veclip_jax import defaults, schema
+from veclip_jax.errors import ConfigError, UserError  # ConfigError re-exported: its home is errors.py
 from veclip_jax.eval import registry
-from veclip_jax.objectives import OBJECTIVES, make_objective
+from veclip_jax.objectives import OBJECTIVES, Objective, make_objective
+from veclip_jax.parallel.axes import BATCH_AXES, MESH_AXES
+from veclip_jax.parallel.hardware import apply_mesh_rules, parse_hardware
 
 # Fields whose keys are data, not schema: the evaluation registry's entry names (each entry
 # is checked by veclip_jax/eval/registry.py instead).
 FREE_FORM = {"evals", "data.sources"}  # data.sources: names -> defaults.SOURCE_FIELDS, checked below
-# Integer fields end up in int32 arrays (step counters, seeds): anything wider overflows later.
-_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
-
-
-class ConfigError(UserError, ValueError):
-    """A config field that is unknown, missing, of the wrong type or out of range."""
 
 
 def _base_config() -> ml_collections.ConfigDict:
     return defaults.get_config()
 
 
-def _type_ok(value: Any, default: Any) -> bool:
-    if default is None:
-        return True
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if isinstance(default, str):
-        return isinstance(value, str)
-    if isinstance(default, tuple | list):
-        return isinstance(value, tuple | list)
-    return isinstance(value, type(default))
-
-
-def _is_section(x: Any) -> bool:
-    return isinstance(x, ml_collections.ConfigDict | Mapping)
-
-
-def _check_schema(config: Any, schema: Any, prefix: str) -> None:
-    for key in config:
-        name = f"{prefix}{key}"
-        if key not in schema:
-            close = difflib.get_close_matches(str(key), [str(k) for k in schema], n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(f"config.{name} is not a field of veclip_jax/defaults.py{hint}")
-    for key, default in schema.items():
-        name = f"{prefix}{key}"
-        if key not in config:
-            raise ConfigError(f"config.{name} is missing (veclip_jax/defaults.py defines it)")
-        value = config[key]
-        if _is_section(default):
-            if not _is_section(value):
-                raise ConfigError(f"config.{name} must be a section (dict), got {value!r}")
-            if name not in FREE_FORM:
-                _check_schema(value, default, f"{name}.")
-        elif not _type_ok(value, default):
-            raise ConfigError(
-                f"config.{name}={value!r}: expected {type(default).__name__}, got {type(value).__name__}"
-            )
-        elif isinstance(value, int) and not isinstance(value, bool) and not _INT_MIN <= value <= _INT_MAX:
-            raise ConfigError(f"config.{name}={value}: an integer field must lie in [{_INT_MIN}, {_INT_MAX}]")
-
-
-Check = tuple[str, Callable[[Any], bool], str]
+Check = schema.Check
 
 
 def _positive(x: Any) -> bool:
@@ -97,7 +54,7 @@ def _prob(x: Any) -> bool:
     return 0.0 <= x <= 1.0
 
 
-def _range_pair(lo_min: float, hi_max: float) -> Callable[[Any], bool]:
+def _range_pair(lo_min: float, hi_max: float) -> Any:
     return lambda v: len(v) == 2 and lo_min < v[0] <= v[1] <= hi_max
 
 
@@ -174,21 +131,8 @@ _RANGES: list[Check] = [
 ]
 
 
-def _get(config: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        config = config[part]
-    return config
-
-
-def _check_ranges(config: Any) -> None:
-    for field, ok, why in _RANGES:
-        value = _get(config, field)
-        try:
-            good = bool(ok(value))
-        except (TypeError, ValueError):
-            good = False
-        if not good:
-            raise ConfigError(f"config.{field}={value!r}: {why}")
+def _check_ranges(config: Any) -> Objective:
+    schema.check_ranges(config, _RANGES, "config")
     m = config.model
     for tower in ("vision", "text"):
         t = m[tower]
@@ -216,7 +160,7 @@ def _check_ranges(config: Any) -> None:
             "needs its tokenizer (a sentencepiece model, e.g. T5's spiece.model, or a HF tokenizer "
             "directory); "
             "the demo tokenizer knows only the demo captions. Train one with "
-            "`python -m veclip_jax.data.tokenizer --input=SHARDS --out=spiece.model`"
+            "`python launch/make_tokenizer.py --input=SHARDS --out=spiece.model`"
         )
     try:
         objective = make_objective(config.objective)
@@ -247,6 +191,7 @@ def _check_ranges(config: Any) -> None:
             registry.check_entry(name, plain)
         except ValueError as e:
             raise ConfigError(f"config.evals.{e}") from None
+    return objective
 
 
 def _check_sources(data: Any) -> None:
@@ -258,53 +203,45 @@ def _check_sources(data: Any) -> None:
         where = f"config.data.sources.{name}"
         if not str(name).isidentifier():
             raise ConfigError(f"{where}: a source name must be an identifier (it names metrics)")
-        if not _is_section(entry):
+        if not schema.is_section(entry):
             raise ConfigError(f"{where} must be a dict of {', '.join(fields)}")
-        for key, value in entry.items():
-            if key not in fields:
-                close = difflib.get_close_matches(str(key), list(fields), n=1)
-                hint = f" (did you mean {where}.{close[0]}?)" if close else ""
-                raise ConfigError(f"{where}.{key} is not a source field ({', '.join(fields)}){hint}")
-            if not _type_ok(value, fields[key]):
-                raise ConfigError(f"{where}.{key}={value!r}: expected {type(fields[key]).__name__}")
+        schema.check_section(entry, fields, where, unknown=f"is not a source field ({', '.join(fields)})")
         e = {**fields, **entry}
         if not e["files"]:
             raise ConfigError(f"{where}.files is empty: give the source's files (a path spec)")
-        if not (e["weight"] > 0 and math.isfinite(e["weight"])):
-            raise ConfigError(f"{where}.weight={e['weight']!r}: must be > 0")
-        if not (e["vecap_prob"] == -1 or 0 <= e["vecap_prob"] <= 1):
-            raise ConfigError(
-                f"{where}.vecap_prob={e['vecap_prob']!r}: must be -1 (= data.vecap_prob) or in [0, 1]"
-            )
+        schema.check_ranges(e, _SOURCE_RANGES, where)
+
+
+_SOURCE_RANGES: list[Check] = [
+    ("weight", lambda x: x > 0 and math.isfinite(x), "must be > 0"),
+    ("vecap_prob", lambda x: x == -1 or 0 <= x <= 1, "must be -1 (= data.vecap_prob) or in [0, 1]"),
+]
 
 
 def _check_hardware_and_data(config: Any) -> None:
     """The mesh and sharding rules, the hardware and its rules, and that data is given where required."""
-    from veclip_jax.errors import UserError
-    from veclip_jax.parallel import hardware  # no jax
-
     if config.mesh.slices < 1:
         raise ConfigError(f"config.mesh.slices={config.mesh.slices}: must be >= 1")
     for i, rule in enumerate(config.sharding_rules):
         if len(rule) != 2 or not isinstance(rule[0], str):
             raise ConfigError(f"config.sharding_rules[{i}]={rule!r}: a (logical axis, mesh axes) pair")
         axes = rule[1] if isinstance(rule[1], list | tuple) else [rule[1]]
-        bad = [a for a in axes if a is not None and a not in defaults.MESH_AXES]
+        bad = [a for a in axes if a is not None and a not in MESH_AXES]
         if bad:
             raise ConfigError(f"config.sharding_rules[{i}] ({rule[0]}): {bad} are not mesh axes")
-        if rule[0] == "batch" and tuple(axes) != defaults.BATCH_AXES:
-            raise ConfigError(f"config.sharding_rules: batch must stay on {defaults.BATCH_AXES} (the loss)")
+        if rule[0] == "batch" and tuple(axes) != BATCH_AXES:
+            raise ConfigError(f"config.sharding_rules: batch must stay on {BATCH_AXES} (the loss)")
     for i, rule in enumerate(config.mesh_rules):
-        if len(rule) != 2 or not isinstance(rule[0], str) or not _is_section(rule[1]):
+        if len(rule) != 2 or not isinstance(rule[0], str) or not schema.is_section(rule[1]):
             raise ConfigError(f"config.mesh_rules[{i}]: a (regex, {{field: value}}) pair, got {rule!r}")
         for dotted in rule[1]:
             try:
-                _get(config, dotted)
+                schema.get(config, dotted)
             except (KeyError, AttributeError):
                 raise ConfigError(f"config.mesh_rules[{i}]: config.{dotted} is not a field") from None
     if config.hardware:
         try:
-            hardware.parse_hardware(config.hardware)
+            parse_hardware(config.hardware)
         except UserError as e:
             raise ConfigError(str(e)) from None
     d = config.data
@@ -317,7 +254,9 @@ def _check_hardware_and_data(config: Any) -> None:
         )
 
 
-def _check_layout(config: Any, num_devices: int, process_count: int) -> None:
+def validate_layout(config: Any, num_devices: int, process_count: int) -> None:
+    """The checks that need the devices: the mesh fits them; the batch splits over the batch shards,
+    the processes and the accumulation steps (ConfigError naming the field otherwise)."""
     from veclip_jax.parallel.mesh import mesh_shape  # imports jax: keep this module light otherwise
 
     try:
@@ -348,17 +287,71 @@ def validate_config(
     *,
     num_devices: int | None = None,
     process_count: int = 1,
-) -> None:
+) -> Objective:
     """Raises ConfigError naming the first field that is unknown, missing, mistyped or out of range.
 
     With `num_devices`, also checks that the mesh fits the devices and that the
     batch splits over the batch shards, the processes and the accumulation steps.
+    The config is checked as it is: `check_config` applies the hardware's mesh rule first.
+    Returns the run's objective, made (once) from config.objective while checking it.
     """
-    _check_schema(config, _base_config(), "")
-    _check_ranges(config)
+    schema.check_section(
+        config,
+        _base_config(),
+        "config",
+        unknown="is not a field of veclip_jax/defaults.py",
+        missing="veclip_jax/defaults.py defines it",
+        free_form=FREE_FORM,
+    )
+    objective = _check_ranges(config)
     _check_hardware_and_data(config)
     if num_devices is not None:
-        _check_layout(config, num_devices, process_count)
+        validate_layout(config, num_devices, process_count)
+    return objective
+
+
+def _fingerprint(config: ml_collections.ConfigDict) -> str:
+    return config.to_json_best_effort(sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedConfig:
+    """A run's config that `check_config` passed, with the hardware's mesh rule applied.
+
+    `train()` given one trusts it and runs only the checks that need the
+    devices; given a plain ConfigDict it checks everything. Made only by
+    `check_config`; `config` must not change afterwards (`verified` refuses it
+    if it did, rather than train an unchecked config).
+    """
+
+    config: ml_collections.ConfigDict
+    objective: Objective  # config.objective's, made once: the run's input, model, step and evals serve it
+    mesh_rule: str | None  # the regex of config.mesh_rules that matched config.hardware, if any
+    fingerprint: str = dataclasses.field(repr=False)
+
+    def verified(self) -> ml_collections.ConfigDict:
+        """The checked config; ConfigError if it was changed after the check."""
+        if _fingerprint(self.config) != self.fingerprint:
+            raise ConfigError(
+                "the config changed after check_config: check it again (or pass a plain config)"
+            )
+        return self.config
+
+
+def check_config(
+    config: ml_collections.ConfigDict,
+    *,
+    num_devices: int | None = None,
+    process_count: int = 1,
+) -> CheckedConfig:
+    """A run's config, checked once: the hardware's mesh rule applied (the given config is not
+    changed), then every check of `validate_config` (with the devices' when `num_devices` is given).
+
+    Raises ConfigError (or UserError for a rule naming no field) before anything is computed.
+    """
+    config, rule = apply_mesh_rules(config)
+    objective = validate_config(config, num_devices=num_devices, process_count=process_count)
+    return CheckedConfig(config, objective, rule, _fingerprint(config))
 
 
 def check_overrides(argv: list[str], flag: str = "config") -> None:
@@ -367,20 +360,18 @@ def check_overrides(argv: list[str], flag: str = "config") -> None:
     ml_collections would raise a bare AttributeError deep in flag parsing;
     this names the argument and suggests the closest field.
     """
-    schema = _base_config()
+    base = _base_config()
     for arg in argv:
         if not arg.startswith(f"--{flag}."):
             continue
         dotted = arg[len(flag) + 3 :].split("=", 1)[0]
-        node, seen = schema, []
+        node, seen = base, []
         for part in dotted.split("."):
             if ".".join(seen) in FREE_FORM:
                 break
-            if not _is_section(node) or part not in node:
-                options = [str(k) for k in node] if _is_section(node) else []
-                close = difflib.get_close_matches(part, options, n=1)
-                where = ".".join([*seen, close[0]]) if close else ""
-                hint = f" (did you mean --{flag}.{where}?)" if close else ""
+            if not schema.is_section(node) or part not in node:
+                close = schema.suggestion(part, node) if schema.is_section(node) else None
+                hint = f" (did you mean --{flag}.{'.'.join([*seen, close])}?)" if close else ""
                 raise ConfigError(f"{arg}: config.{dotted} is not a field of veclip_jax/defaults.py{hint}")
             node = node[part]
             seen.append(part)

@@ -18,6 +18,9 @@ import math
 
 import ml_collections
 
+from veclip_jax.objective_fields import FIELDS, config_fields
+from veclip_jax.parallel.axes import BATCH_AXES  # the mesh's axis names live in parallel/
+
 # The towers. B/16 and H/14 are the released VeCLIP checkpoints' sizes (their
 # config.json); L/14 is OpenAI's L/14 shape (inferred, see VECLIP.md). All use
 # quick_gelu, LayerNorm eps 1e-5, 77 text positions and T5's 32,100-id
@@ -81,10 +84,6 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
     )
 
 
-# The device mesh's axes (veclip_jax/parallel/mesh.py) and the ones a batch is split over.
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
-
 # Logical axis name -> mesh axes (None: not split). Models only name axes; this decides
 # (veclip_jax/parallel/rules.py). The default:
 # - batch: the examples, over data x fsdp (every device holds a slice; fixed: the loss relies on it).
@@ -129,40 +128,59 @@ SOURCE_FIELDS: dict[str, object] = dict(
 
 def get_config(size: str | None = None) -> ml_collections.ConfigDict:
     """All defaults; `size` (e.g. `--config=configs/base.py:B/16`) picks the towers."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0  # the one seed: initialisation, shuffling, crops and caption draws derive from it
-    c.batch_size = 64  # global, over all devices and hosts
-    c.total_steps = 200  # optimizer steps (batches) of the whole run, resumes included
-    c.log_every = 10  # a metrics.jsonl line, TensorBoard point and console line every N steps
-    c.eval_every = 100  # run config.evals every N steps (entries may set their own) and at the end; 0 = never
-    c.checkpoint_every = 100  # save every N steps; the last step and SIGTERM always save; 0 = only those
-    c.keep_checkpoints = 3  # the newest N checkpoints are kept
-    c.async_checkpointing = True  # write checkpoints in the background while training goes on
-    c.max_nonfinite_steps = 10  # this many skipped (non-finite) steps in a row stop the run
-    # Parameters to start from (optimizer and data start fresh): a workdir or
-    # Orbax checkpoint directory of ours (its latest step, or DIR/checkpoints/STEP),
-    # or a HuggingFace CLIP directory. "" = random initialisation.
-    c.init_from = ""
-
+    c = ml_collections.ConfigDict(_run())
     c.model = model_config(size or "tiny")
+    c.update(_parallel())
+    c.optim = _optim()
+    c.objective = _objective()
+    c.data = _data()
+    c.update(_evals())
+    return c
 
-    # Device mesh: axis sizes; -1 takes the devices the others leave. The batch
-    # is split over data x fsdp; fsdp also shards parameters and optimizer
-    # state; tensor splits heads and MLP (veclip_jax/parallel/rules.py).
-    # slices: TPU slices joined over the data-center network (multislice); the data axis spans
-    # them (data must be a multiple of slices). Set from config.hardware.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, slices=1))
-    # Logical axis -> mesh axes (veclip_jax/parallel/rules.py): models name axes, this decides.
-    c.sharding_rules = SHARDING_RULES
-    # What the run is meant for (veclip_jax/parallel/hardware.py): "tpu-v5p-256", "tpu-v5p-256-2"
-    # (two slices), "gpu-h100-32", or "" (whatever devices there are). Training checks the devices
-    # match; the first of mesh_rules whose regex matches it sets its fields.
-    c.hardware = ""
-    # (regex over config.hardware, {dotted field: value}) pairs, first match wins, e.g.
-    # ("tpu-v5p-.*", {"mesh.fsdp": -1, "mesh.data": 1, "model.remat": "dots"}).
-    c.mesh_rules = ()
 
-    c.optim = ml_collections.ConfigDict(
+def _run() -> dict:
+    """The run: seed, length, logging, checkpoints, what to start from."""
+    return dict(
+        seed=0,  # the one seed: initialisation, shuffling, crops and caption draws derive from it
+        batch_size=64,  # global, over all devices and hosts
+        total_steps=200,  # optimizer steps (batches) of the whole run, resumes included
+        log_every=10,  # a metrics.jsonl line, TensorBoard point and console line every N steps
+        eval_every=100,  # run config.evals every N steps (an entry may set its own) and at the end; 0 = never
+        checkpoint_every=100,  # save every N steps; the last step and SIGTERM always save; 0 = only those
+        keep_checkpoints=3,  # the newest N checkpoints are kept
+        async_checkpointing=True,  # write checkpoints in the background while training goes on
+        max_nonfinite_steps=10,  # this many skipped (non-finite) steps in a row stop the run
+        # Parameters to start from (optimizer and data start fresh): a workdir or
+        # Orbax checkpoint directory of ours (its latest step, or DIR/checkpoints/STEP),
+        # or a HuggingFace CLIP directory. "" = random initialisation.
+        init_from="",
+    )
+
+
+def _parallel() -> dict:
+    """The device mesh, the sharding rules, the hardware and its mesh rules (veclip_jax/parallel/)."""
+    return dict(
+        # Device mesh: axis sizes; -1 takes the devices the others leave. The batch
+        # is split over data x fsdp; fsdp also shards parameters and optimizer
+        # state; tensor splits heads and MLP (veclip_jax/parallel/rules.py).
+        # slices: TPU slices joined over the data-center network (multislice); the data axis spans
+        # them (data must be a multiple of slices). Set from config.hardware.
+        mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, slices=1)),
+        # Logical axis -> mesh axes (veclip_jax/parallel/rules.py): models name axes, this decides.
+        sharding_rules=SHARDING_RULES,
+        # What the run is meant for (veclip_jax/parallel/hardware.py): "tpu-v5p-256", "tpu-v5p-256-2"
+        # (two slices), "gpu-h100-32", or "" (whatever devices there are). Training checks the devices
+        # match; the first of mesh_rules whose regex matches it sets its fields.
+        hardware="",
+        # (regex over config.hardware, {dotted field: value}) pairs, first match wins, e.g.
+        # ("tpu-v5p-.*", {"mesh.fsdp": -1, "mesh.data": 1, "model.remat": "dots"}).
+        mesh_rules=(),
+    )
+
+
+def _optim() -> ml_collections.ConfigDict:
+    """The optimizer (AdamW) and its schedule (linear warm-up, cosine decay)."""
+    return ml_collections.ConfigDict(
         dict(
             learning_rate=5e-4,  # peak
             warmup_steps=20,
@@ -177,59 +195,24 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
         )
     )
 
-    # The training objective (veclip_jax/objectives/): what the train step differentiates.
-    # name: "clip" (symmetric InfoNCE), "siglip" (pairwise sigmoid loss, Zhai et al. 2023),
-    # "slip", "declip", "filip", "defilip" (the DeCLIP toolkit's, shared/spec/OBJECTIVES.md).
-    # Each objective's own fields sit in its sub-section (the defaults are the toolkit's YFCC-15M
-    # ViT-B/32 settings); only the chosen one's are read. Objectives with image views take
-    # data.augment.views of them (SLIP, DeCLIP, DeFILIP: 2; FILIP: 1).
-    c.objective = ml_collections.ConfigDict(
-        dict(
-            name="clip",
-            siglip=dict(
-                temperature_init=math.log(10.0),  # t' (t = exp t'), replaces model.logit_scale_init
-                bias_init=-10.0,  # b, the learned bias, params["objective"]["bias"]
-            ),
-            slip=dict(
-                clip_weight=1.0,  # CLIP on the standard crop (data.crop_scale)
-                ssl_weight=1.0,  # SimCLR (NT-Xent) on the two views
-                ssl_temperature=0.1,
-                mlp_dim=4096,  # SimCLR MLP on the pre-projection class token: width -> 4096 -> 4096 -> 256
-                ssl_dim=256,
-            ),
-            declip=dict(
-                clip_weight=0.4,  # 2 views x {caption, EDA caption} symmetric InfoNCE, averaged
-                simsiam_weight=0.2,  # SimSiam between the two views
-                mlm_weight=0.2,  # masked-token prediction on the caption (data.augment.mlm_prob)
-                nn_weight=0.2,  # each view against the queue neighbours of both captions
-                queue_size=65_536,  # text embeddings in the FIFO queue (one queue for the job)
-                proj_dim=1024,  # SimSiam projector widths (3 layers)
-                pred_dim=512,  # SimSiam predictor hidden width
-            ),
-            filip=dict(
-                dense_weight=1.0,  # token-wise late-interaction InfoNCE
-                clip_weight=0.0,  # the pooled CLIP loss (the toolkit's FILIP: 0, logged only)
-                top_k=16,  # tokens each pair keeps for the others (image patches, text positions)
-                token_dim=256,  # the shared token space
-                dense_scale_init=math.log(1 / 0.07),  # FILIP's own temperature (not clipped)
-            ),
-            defilip=dict(
-                clip_weight=0.4,
-                simsiam_weight=0.2,
-                mlm_weight=0.2,
-                nn_weight=0.2,
-                filip_weight=0.2,  # FILIP's term between view 1 and the masked caption
-                queue_size=65_536,
-                proj_dim=1024,
-                pred_dim=512,
-                top_k=16,
-                token_dim=256,
-                dense_scale_init=math.log(1 / 0.07),
-            ),
-        )
-    )
 
-    c.data = ml_collections.ConfigDict(
+def _objective() -> ml_collections.ConfigDict:
+    """The training objective (veclip_jax/objectives/): what the train step differentiates.
+
+    name: "clip" (symmetric InfoNCE), "siglip" (pairwise sigmoid loss, Zhai et
+    al. 2023), "slip", "declip", "filip", "defilip" (the DeCLIP toolkit's,
+    shared/spec/OBJECTIVES.md). Each objective's own fields sit in its
+    sub-section, generated from its dataclass's fields, documented there
+    (veclip_jax/objective_fields.py; the defaults are the toolkit's YFCC-15M
+    ViT-B/32 settings); only the chosen one's are read. Objectives with image
+    views take data.augment.views of them (SLIP, DeCLIP, DeFILIP: 2; FILIP: 1).
+    """
+    return ml_collections.ConfigDict(dict(name="clip", **{name: config_fields(name) for name in FIELDS}))
+
+
+def _data() -> ml_collections.ConfigDict:
+    """The training data: sources, tokenizer, caption choice, crops, augmentations, readers."""
+    return ml_collections.ConfigDict(
         dict(
             # One source: ArrayRecord shards, WebDataset tars or Parquet files (format from the
             # extension): comma-separated paths, {000..127} ranges, globs; "" = demo data (or `sources`)
@@ -270,32 +253,38 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
         )
     )
 
-    # Evaluations (veclip_jax/eval/registry.py documents an entry): name -> task type,
-    # dataset and options. Training runs each at its `every` (0 = eval_every) and at
-    # the end; `launch/eval.py --model=WORKDIR` runs the same entries. Metrics are
-    # logged as NAME/METRIC. These defaults evaluate the demo data's held-out split
-    # (skipped when training on other data): zero-shot top-1 of each labelled
-    # attribute, prompts that fit the demo, and retrieval with each VeCap caption.
-    c.eval_batch_size = 256  # images or texts per encoding batch (global)
 
-    def demo_zeroshot(attribute: str, *templates: str) -> dict:
-        return dict(
-            type="zeroshot_classification", dataset="demo", label_field=attribute, templates=templates
-        )
+def _demo_zeroshot(attribute: str, *templates: str) -> dict:
+    return dict(type="zeroshot_classification", dataset="demo", label_field=attribute, templates=templates)
 
-    c.evals = ml_collections.ConfigDict(
-        dict(
-            demo_color=demo_zeroshot("color", "a {} shape.", "an image of a {} object.",
-                                     "a {} object on a background."),  # fmt: skip
-            demo_shape=demo_zeroshot("shape", "a {}.", "an image of a {}.", "a {} shape."),
-            demo_size=demo_zeroshot("size", "a {} shape.", "an image of a {} object."),
-            demo_position=demo_zeroshot("position", "a shape at the {}.",
-                                        "an image with an object at the {}."),  # fmt: skip
-            demo_background=demo_zeroshot("background", "a shape on a {} background.",
-                                          "an image with a {} background."),  # fmt: skip
-            demo_retrieval=dict(
-                type="retrieval", dataset="demo", caption_field="vecap_text", recall_at=(1, 5)
-            ),
-        )
+
+def _evals() -> dict:
+    """Evaluations (veclip_jax/eval/registry.py documents an entry): name -> task type, dataset, options.
+
+    Training runs each at its `every` (0 = eval_every) and at the end;
+    `launch/eval.py --model=WORKDIR` runs the same entries. Metrics are logged
+    as NAME/METRIC. These defaults evaluate the demo data's held-out split
+    (skipped when training on other data): zero-shot top-1 of each labelled
+    attribute, prompts that fit the demo, and retrieval with each VeCap caption.
+    """
+    return dict(
+        eval_batch_size=256,  # images or texts per encoding batch (global)
+        evals=ml_collections.ConfigDict(
+            dict(
+                demo_color=_demo_zeroshot(
+                    "color", "a {} shape.", "an image of a {} object.", "a {} object on a background."
+                ),
+                demo_shape=_demo_zeroshot("shape", "a {}.", "an image of a {}.", "a {} shape."),
+                demo_size=_demo_zeroshot("size", "a {} shape.", "an image of a {} object."),
+                demo_position=_demo_zeroshot(
+                    "position", "a shape at the {}.", "an image with an object at the {}."
+                ),
+                demo_background=_demo_zeroshot(
+                    "background", "a shape on a {} background.", "an image with a {} background."
+                ),
+                demo_retrieval=dict(
+                    type="retrieval", dataset="demo", caption_field="vecap_text", recall_at=(1, 5)
+                ),
+            )
+        ),
     )
-    return c

@@ -12,6 +12,14 @@ class UserError(Exception):
     """A problem with the user's input (config, paths, data, workdir): exit 2, one line."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config field that is unknown, missing, of the wrong type or out of range.
+
+    Here rather than in veclip_jax/config.py so that what raises it outside the
+    config check (the workdir's tokenizer check) need not import the checker.
+    """
+
+
 class WorkdirBusyError(UserError):
     """Another live trainer holds the workdir's lock."""
 

@@ -23,12 +23,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from veclip_jax import defaults
-from veclip_jax.models.clip import CLIP, build_model, input_shapes, param_count
-from veclip_jax.objectives import make_objective
-from veclip_jax.parallel.mesh import batch_sharding, make_mesh
-from veclip_jax.train.optim import make_optimizer
-from veclip_jax.train.state import init_train_state
-from veclip_jax.train.step import make_train_step
+from veclip_jax.objectives.model import param_count
+from veclip_jax.parallel.mesh import make_mesh
+from veclip_jax.train.assembly import Assembly, assemble, synthetic_batch
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (default: veclip_jax/defaults.py, the tiny model)."
@@ -53,68 +50,33 @@ def measure_peak_tflops(dtype: str = "float32", n: int = 2048, reps: int = 5) ->
     return 2 * n**3 * len(jax.devices()) / elapsed / 1e12
 
 
-def step_flops(config, mesh, tx, init, batch) -> float:
-    """FLOPs of one step over the whole mesh, counted on the unrolled model."""
-    unrolled = build_model(config.model, unroll=True, objective_cfg=config.objective)
-    step = make_train_step(
-        unrolled,
-        tx,
-        mesh,
-        init.shardings,
-        grad_accum_steps=config.optim.grad_accum_steps,
-        objective=make_objective(config.objective),
-    )
-    cost = step.lower(init.state, batch).compile().cost_analysis()
+def step_flops(assembly: Assembly, state, batch) -> float:
+    """FLOPs of one step over the whole mesh, counted on the same step with the layer scans unrolled."""
+    unrolled = assemble(assembly.config, assembly.mesh, objective=assembly.objective, unroll=True)
+    cost = unrolled.step.lower(state, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", 0.0)) * mesh.size
-
-
-def synthetic_batch(model: CLIP, batch: int, eos_id: int) -> dict[str, np.ndarray]:
-    """Random inputs of every kind the model's objective reads (models/clip.py input_shapes)."""
-    rng = np.random.default_rng(0)
-    out = {}
-    for k, (shape, dtype) in input_shapes(model, batch).items():
-        if k == "mlm_labels":  # a target at about 15% of the positions, -1 elsewhere
-            x = np.where(rng.random(shape) < 0.15, rng.integers(3, model.vocab_size, shape), -1)
-        elif np.issubdtype(dtype, np.integer):
-            x = rng.integers(3, model.vocab_size, size=shape)
-            x[:, -1] = eos_id
-        else:
-            x = rng.normal(size=shape)
-        out[k] = x.astype(dtype)
-    return out
+    return float(cost.get("flops", 0.0)) * assembly.mesh.size
 
 
 def main(_: list[str]) -> None:
     config = _CONFIG.value or defaults.get_config()
     mesh = make_mesh(config.mesh)
-    model = build_model(config.model, objective_cfg=config.objective)
-    tx = make_optimizer(config.optim, config.total_steps)
+    assembly = assemble(config, mesh)  # the training loop's own step
 
     start = time.perf_counter()
-    init = init_train_state(model, tx, mesh, jax.random.key(config.seed))
-    jax.block_until_ready(init.state)
+    state = assembly.init_state(jax.random.key(config.seed))
+    jax.block_until_ready(state)
     init_s = time.perf_counter() - start
 
     b = config.batch_size
-    batch = {
-        k: jax.device_put(x, batch_sharding(mesh, x.ndim))
-        for k, x in synthetic_batch(model, b, config.model.text.eos_id).items()
-    }
-    step = make_train_step(
-        model,
-        tx,
-        mesh,
-        init.shardings,
-        grad_accum_steps=config.optim.grad_accum_steps,
-        objective=make_objective(config.objective),
-    )
+    shardings = {k: x.sharding for k, x in assembly.abstract_batch().items()}
+    batch = {k: jax.device_put(x, shardings[k]) for k, x in synthetic_batch(assembly).items()}
     start = time.perf_counter()
-    compiled = step.lower(init.state, batch).compile()
+    compiled = assembly.step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    flops = step_flops(config, mesh, tx, init, batch)
+    flops = step_flops(assembly, state, batch)
 
-    state, metrics = compiled(init.state, batch)  # warm-up
+    state, metrics = compiled(state, batch)  # warm-up
     jax.block_until_ready(metrics)
     times = []
     for _ in range(_STEPS.value):
@@ -126,7 +88,7 @@ def main(_: list[str]) -> None:
 
     peak = _PEAK.value or measure_peak_tflops(_PEAK_DTYPE.value)
     achieved = flops / step_s / 1e12
-    size = f"{param_count(model) / 1e6:.1f}M params, {config.model.dtype}"
+    size = f"{param_count(assembly.model) / 1e6:.1f}M params, {config.model.dtype}"
     print(f"model            {config.model.size}  ({size})")
     print(f"mesh             {dict(mesh.shape)} on {mesh.size} {jax.devices()[0].platform} device(s)")
     print(f"global batch     {b}  (grad_accum_steps={config.optim.grad_accum_steps})")

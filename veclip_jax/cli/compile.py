@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
         accelerator, topology = aot.accelerator_for(config, _TOPOLOGY.value)
         if not config.hardware:
             config.hardware = accelerator.name
-        apply_mesh_rules(config)
+        config, _ = apply_mesh_rules(config)
         config.data.update(allow_demo=True, train_files="")  # compiling reads no data
         config.data.sources = ml_collections.ConfigDict()
         devices = aot.topology_devices(topology, accelerator.slices)

@@ -18,9 +18,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from veclip_jax.config import ConfigError, check_overrides, validate_config
+from veclip_jax.config import ConfigError, check_config, check_overrides
 from veclip_jax.errors import UserError
-from veclip_jax.parallel.hardware import apply_mesh_rules
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string(
@@ -72,10 +71,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
-    config = _CONFIG.value
     try:
-        apply_mesh_rules(config)  # config.hardware's rule sets the mesh, remat, accumulation, dtype
-        validate_config(config)  # schema and ranges: no JAX needed, nothing computed
+        # config.hardware's rule sets the mesh, remat, accumulation, dtype; then schema and ranges:
+        # no JAX needed, nothing computed. train() then checks only what needs the devices.
+        config = check_config(_CONFIG.value)
     except UserError as e:
         _fail(str(e), 2)
     _setup_logging()
@@ -84,7 +83,7 @@ def main(argv: list[str]) -> None:
 
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
-    from veclip_jax.data.pipeline import TooManyBadRecordsError
+    from veclip_jax.data.skip_and_batch import TooManyBadRecordsError
     from veclip_jax.eval.report import print_eval_table
     from veclip_jax.train.checkpoint import CheckpointSaveError
     from veclip_jax.train.loop import NonFiniteTrainingError, train

@@ -22,7 +22,7 @@ then a fixed set of numbers (`ViewParams.draw`), so each decision is
 independent of the others and a view is reproducible on its own. The image
 is decoded once for all views (image_ops.decode_random_crops).
 
-Cost per example: `python -m veclip_jax.data.augment` (data/README.md).
+Cost per example: `python -m veclip_jax.bench.augment` (data/README.md).
 """
 
 from __future__ import annotations
@@ -190,57 +190,3 @@ def decode_views(data: bytes, rngs: Sequence[np.random.Generator], spec: ViewSpe
         params = ViewParams.draw(rng, spec)
         out[k] = image_ops.normalize(np.asarray(params.apply(Image.fromarray(crop))))
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Prints the cost per example of the views, and of the plain crop, in one thread."""
-    import argparse
-    import io
-    import time
-
-    from veclip_jax.data import seeds
-
-    p = argparse.ArgumentParser(prog="python -m veclip_jax.data.augment", description=main.__doc__)
-    p.add_argument("--size", type=int, default=224, help="output side S")
-    p.add_argument("--width", type=int, default=500)
-    p.add_argument("--height", type=int, default=375)
-    p.add_argument("--examples", type=int, default=200)
-    p.add_argument("--decoder", default="simplejpeg", choices=image_ops.DECODERS)
-    args = p.parse_args(argv)
-    # A photo-like test image: smooth gradients and noise, JPEG quality 90.
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0 : args.height, 0 : args.width]
-    base = np.stack([xx / args.width, yy / args.height, 0.5 + 0.5 * np.sin(xx / 17.0 + yy / 23.0)], -1)
-    pixels = np.clip(base * 255 + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-    data = buf.getvalue()
-    spec = ViewSpec(size=args.size, decoder=args.decoder)
-
-    def crop(i: int) -> None:
-        rng = seeds.example_rng(0, seeds.STREAM_CROP, 0, i)
-        image_ops.normalize(
-            image_ops.decode_random_crop(
-                data, rng, size=args.size, scale=(0.9, 1.0), ratio=spec.crop_ratio, decoder=args.decoder
-            )
-        )
-
-    def views(i: int) -> None:
-        decode_views(
-            data, [seeds.example_rng(0, seeds.STREAM_VIEW, 0, i, v) for v in range(spec.views)], spec
-        )
-
-    for name, fn in (("crop (the image input)", crop), (f"{spec.views} views", views)):
-        fn(0)
-        t0 = time.perf_counter()
-        for i in range(args.examples):
-            fn(i)
-        ms = (time.perf_counter() - t0) / args.examples * 1e3
-        print(
-            f"{name}: {ms:.2f} ms per example "
-            f"({args.width}x{args.height} JPEG -> {args.size} px, {args.decoder})"
-        )
-
-
-if __name__ == "__main__":
-    main()

@@ -41,14 +41,12 @@ The generator's rules (also in veclip_jax/data/README.md):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -463,28 +461,3 @@ def ensure_demo_data(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _load(root)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: generate (or find) the demo data and print where it is."""
-    p = argparse.ArgumentParser(prog="python -m veclip_jax.data.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--cache_dir", default="~/.cache/veclip_jax")
-    p.add_argument("--num_train", type=int, default=4096)
-    p.add_argument("--num_eval", type=int, default=512)
-    p.add_argument("--image_size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    t0 = time.perf_counter()
-    data = ensure_demo_data(
-        args.cache_dir,
-        num_train=args.num_train,
-        num_eval=args.num_eval,
-        image_size=args.image_size,
-        seed=args.seed,
-    )
-    print(json.dumps(_manifest(data) | {"root": data.root}, indent=1))
-    print(f"ready in {time.perf_counter() - t0:.1f} s")
-
-
-if __name__ == "__main__":
-    main()

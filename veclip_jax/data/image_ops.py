@@ -298,19 +298,6 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
     return _center_crop(np.asarray(_resize_shorter_side(to_rgb(image), size, _RESAMPLE)), size)
 
 
-def decode_eval_image(data: bytes, size: int) -> np.ndarray:
-    """Encoded image bytes -> uint8 [size, size, 3] by `resize_center_crop`.
-
-    Raises ImageDecodeError if the bytes are not an image.
-    """
-    try:
-        return resize_center_crop(_open_pil(data), size)
-    except ImageDecodeError:
-        raise
-    except Exception as e:
-        raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
-
-
 def _bilinear_axis(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Source rows (lower, upper) and weights of half-pixel-centre bilinear sampling, no antialias."""
     # float32 coordinates, as TF's (and torch's) kernels compute them

@@ -13,16 +13,13 @@ to `context_length`. `</s>` is therefore always present and always ends the
 kept text, even when the caption was truncated.
 
 Train a model from shards' captions (both fields) with
-    python -m veclip_jax.data.tokenizer --input='data/train-*.array_record' --out=spiece.model
+    python launch/make_tokenizer.py --input='data/train-*.array_record' --out=spiece.model
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
-import sys
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -83,7 +80,7 @@ class Tokenizer:
             raise ValueError(
                 f"sentencepiece model {name} has pad id {sp.pad_id()} and end-of-text id {sp.eos_id()}; "
                 f"the model config expects pad {pad_id} and end-of-text {eos_id} (T5's convention). "
-                "Train one with `python -m veclip_jax.data.tokenizer`, or use a T5 spiece.model."
+                "Train one with `python launch/make_tokenizer.py`, or use a T5 spiece.model."
             )
         self._proto = proto
         self._sp = sp
@@ -286,36 +283,3 @@ def shard_captions(spec: str | Sequence[str]) -> Iterator[str]:
 def train_tokenizer_from_shards(spec: str | Sequence[str], out: str | os.PathLike, **kwargs) -> str:
     """Trains a tokenizer on the captions (both fields) of ArrayRecord shards."""
     return train_tokenizer(shard_captions(spec), out, **kwargs)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: train a sentencepiece model from shards' captions."""
-    p = argparse.ArgumentParser(
-        prog="python -m veclip_jax.data.tokenizer",
-        description="Train a sentencepiece tokenizer (T5 ids: pad 0, eos 1, unk 2, no bos) "
-        "from the AltText and VeCap captions of ArrayRecord shards.",
-    )
-    p.add_argument("--input", required=True, help="shards: comma-separated paths or globs")
-    p.add_argument("--out", required=True, help="where to write the model, e.g. spiece.model")
-    p.add_argument("--vocab_size", type=int, default=32000, help="upper bound on the vocabulary")
-    p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
-    p.add_argument("--character_coverage", type=float, default=0.9995)
-    p.add_argument("--max_sentences", type=int, default=5_000_000, help="captions read at most")
-    p.add_argument("--num_threads", type=int, default=os.cpu_count() or 1)
-    args = p.parse_args(argv)
-    t0 = time.perf_counter()
-    path = train_tokenizer_from_shards(
-        args.input,
-        args.out,
-        vocab_size=args.vocab_size,
-        model_type=args.model_type,
-        character_coverage=args.character_coverage,
-        max_sentences=args.max_sentences,
-        num_threads=args.num_threads,
-    )
-    tok = Tokenizer(path, context_length=2)
-    print(f"wrote {path}: {tok.vocab_size} pieces in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from veclip_jax.eval.datasets import load_image
-from veclip_jax.eval.encoders import Encoders
+from veclip_jax.run.inference import Encoders
 
 Preprocess = Callable[[Any], np.ndarray]  # PIL image or RGB array -> float32 [S, S, 3]
 
@@ -98,14 +98,14 @@ def embed_images(
     `out_dtype`: token-wise, its patch tokens or its class scores' top 5).
     """
     encode = encode or encoders.image_batch
-    out_shape = out_shape if out_shape is not None else (encoders.model.embed_dim,)
+    out_shape = out_shape if out_shape is not None else (encoders.model.towers.embed_dim,)
     n = len(source)
     procs, me = jax.process_count(), jax.process_index()
     local_b = encoders.local_batch_size
     start, stop = n * me // procs, n * (me + 1) // procs
     steps = math.ceil(math.ceil(n / procs) / local_b)  # every process runs the largest slice's count
     threads = num_threads or max(1, min(8, os.cpu_count() or 1))
-    size = encoders.model.image_size
+    size = encoders.model.towers.image_size
     ds = (
         grain.MapDataset.range(start, stop)
         .map(_Load(source, preprocess, size))

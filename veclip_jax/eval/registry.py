@@ -4,7 +4,7 @@ big_vision's `config.evals` idea: a dict of named entries, each with a task
 `type`, its dataset and options. Training runs every entry at its own `every`
 (and at the end); `launch/eval.py --tasks=...` runs the same entries, or the
 standard ones below by name. This module is plain Python (no JAX): the config
-check imports it.
+check imports it. Entries are checked by the one typed checker (veclip_jax/schema.py).
 
 An entry (every field but `type` and `dataset` optional):
 
@@ -44,6 +44,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from veclip_jax import schema
+from veclip_jax.errors import ConfigError
+
 TASK_TYPES = ("zeroshot_classification", "retrieval", "linear_probe")
 DATASET_KINDS = ("tfds", "folder", "karpathy", "records", "demo")
 
@@ -57,6 +60,16 @@ FIELDS: dict[str, dict[str, Any]] = {
     "linear_probe": _COMMON
     | dict(train_split="train", val_fraction=0.2, max_iter=1000, label_field=""),
 }
+
+# Per field (of the entry with its type's defaults): the range rules (schema.check_ranges).
+_RANGES: list[schema.Check] = [
+    ("every", lambda x: x >= 0, "must be >= 0"),
+    ("max_examples", lambda x: x >= 0, "must be >= 0"),
+    ("max_iter", lambda x: x >= 1, "must be >= 1"),
+    ("caption_field", lambda x: x in ("vecap_text", "alt_text"), "'vecap_text' or 'alt_text'"),
+    ("recall_at", lambda v: len(v) > 0 and all(isinstance(k, int) and k >= 1 for k in v), "ks >= 1"),
+    ("val_fraction", lambda x: 0 < x < 1, "must lie in (0, 1)"),
+]
 
 # The standard tasks launch/eval.py knows by name. Relative paths are under --data_dir;
 # TFDS datasets are read from --data_dir (TFDS's layout: DATA_DIR/NAME/VERSION/...).
@@ -148,60 +161,42 @@ def with_defaults(entry: Mapping[str, Any]) -> dict[str, Any]:
     return dict(FIELDS[entry["type"]]) | dict(entry)
 
 
-def _type_ok(value: Any, default: Any) -> bool:
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if isinstance(default, tuple):
-        return isinstance(value, tuple | list)
-    return isinstance(value, type(default))
-
-
 def check_entry(name: str, entry: Mapping[str, Any]) -> None:
-    """Raises ValueError naming `NAME.FIELD` for an entry that cannot run (see the module doc)."""
+    """Raises ValueError (ConfigError) naming `NAME.FIELD` for an entry that cannot run (see the module doc).
+
+    Fields are checked by the one typed checker (veclip_jax/schema.py) against
+    FIELDS[type], then the ranges (_RANGES) and the dataset rules below.
+    """
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError(f"{name}: an evaluation's name holds letters, digits, '_', '.', '-' only")
+        raise ConfigError(f"{name}: an evaluation's name holds letters, digits, '_', '.', '-' only")
     if not isinstance(entry, Mapping):
-        raise ValueError(f"{name}: an evaluation is a dict with a `type` and a `dataset`")
+        raise ConfigError(f"{name}: an evaluation is a dict with a `type` and a `dataset`")
     kind = entry.get("type")
     if kind not in TASK_TYPES:
-        raise ValueError(f"{name}.type={kind!r}: one of {', '.join(TASK_TYPES)}")
+        raise ConfigError(f"{name}.type={kind!r}: one of {', '.join(TASK_TYPES)}")
     fields = FIELDS[kind]
-    for key, value in entry.items():
-        if key not in fields:
-            raise ValueError(f"{name}.{key} is not a field of a {kind} evaluation ({', '.join(fields)})")
-        if key == "templates" and isinstance(value, tuple | list):
-            if not value or not all(isinstance(t, str) and "{}" in t for t in value):
-                raise ValueError(f"{name}.templates: a tuple of strings each holding '{{}}'")
-        elif not _type_ok(value, fields[key]):
-            raise ValueError(
-                f"{name}.{key}={value!r}: expected {type(fields[key]).__name__}, got {type(value).__name__}"
-            )
+    templates = entry.get("templates")
+    if isinstance(templates, tuple | list):  # the one field of two types: a name (str) or the templates
+        if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
+            raise ConfigError(f"{name}.templates: a tuple of strings each holding '{{}}'")
+        entry = {k: v for k, v in entry.items() if k != "templates"}
+    unknown = f"is not a field of a {kind} evaluation ({', '.join(fields)})"
+    schema.check_section(entry, fields, name, unknown=unknown)
     e = with_defaults(entry)
     spec = e["dataset"]
     if dataset_kind(spec) not in DATASET_KINDS or (spec != "demo" and ":" not in spec):
-        raise ValueError(
+        raise ConfigError(
             f"{name}.dataset={e['dataset']!r}: tfds:NAME, folder:DIR, karpathy:JSON, records:FILES or demo"
         )
     kind_of_data = dataset_kind(e["dataset"])
     if kind == "retrieval" and kind_of_data not in ("karpathy", "records", "demo"):
-        raise ValueError(f"{name}.dataset={e['dataset']!r}: retrieval reads karpathy:, records: or demo")
+        raise ConfigError(f"{name}.dataset={e['dataset']!r}: retrieval reads karpathy:, records: or demo")
     if kind != "retrieval" and kind_of_data == "karpathy":
-        raise ValueError(f"{name}.dataset={e['dataset']!r}: karpathy: data is for retrieval")
+        raise ConfigError(f"{name}.dataset={e['dataset']!r}: karpathy: data is for retrieval")
     if kind == "linear_probe" and kind_of_data not in ("tfds", "folder"):
-        raise ValueError(f"{name}.dataset={e['dataset']!r}: a linear probe reads tfds: or folder: (2 splits)")
+        raise ConfigError(
+            f"{name}.dataset={e['dataset']!r}: a linear probe reads tfds: or folder: (2 splits)"
+        )
     if kind_of_data in ("records", "demo") and kind != "retrieval" and not e["label_field"]:
-        raise ValueError(f"{name}.label_field: records are classified by one of their `labels` attributes")
-    for field in ("every", "max_examples", "max_iter"):
-        if field in e and e[field] < (1 if field == "max_iter" else 0):
-            raise ValueError(f"{name}.{field}={e[field]}: must be >= {1 if field == 'max_iter' else 0}")
-    if kind == "retrieval":
-        if e["caption_field"] not in ("vecap_text", "alt_text"):
-            raise ValueError(f"{name}.caption_field={e['caption_field']!r}: 'vecap_text' or 'alt_text'")
-        if not e["recall_at"] or not all(isinstance(k, int) and k >= 1 for k in e["recall_at"]):
-            raise ValueError(f"{name}.recall_at={e['recall_at']!r}: ks >= 1")
-    if kind == "linear_probe" and not 0 < e["val_fraction"] < 1:
-        raise ValueError(f"{name}.val_fraction={e['val_fraction']}: must lie in (0, 1)")
+        raise ConfigError(f"{name}.label_field: records are classified by one of their `labels` attributes")
+    schema.check_ranges(e, [c for c in _RANGES if c[0] in e], name)

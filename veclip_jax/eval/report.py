@@ -1,6 +1,6 @@
 """Evaluation tables: one model's tasks in the paper's columns, and runs side by side.
 
-  python -m veclip_jax.eval.report WORKDIR [WORKDIR ...]
+  python launch/report.py WORKDIR [WORKDIR ...]   (veclip_jax/cli/report.py)
 
 `results_table` is launch/eval.py's table: the VeCLIP paper's columns (COCO
 and Flickr I2T / T2I R@1, ImageNet, ImageNet-V2 top-1), then a column per
@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 
 from veclip_jax.eval.registry import TITLES
-from veclip_jax.train.metrics import EVAL_FILE, read_jsonl
+from veclip_jax.run.workdir import CONFIG_FILE, EVAL_FILE, read_jsonl
 
 # (metric, column suffix) shown per task type; retrieval first, as in the paper's table.
 _HEADLINE = {
@@ -68,7 +67,7 @@ def final_eval(workdir: str) -> dict | None:
 
 def _column_name(workdir: str) -> str:
     try:
-        with open(os.path.join(workdir, "config.json")) as f:
+        with open(os.path.join(workdir, CONFIG_FILE)) as f:
             p = json.load(f)["data"]["vecap_prob"]
         return f"{os.path.basename(os.path.normpath(workdir))} (vecap_prob={p:g})"
     except (OSError, KeyError, ValueError, TypeError):
@@ -96,9 +95,3 @@ def print_eval_table(workdirs: Sequence[str]) -> None:
     """Prints `eval_table` (nothing if no workdir has an evaluation)."""
     if any(final_eval(w) for w in workdirs):
         print(eval_table(workdirs))
-
-
-if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    print(eval_table(sys.argv[1:]))

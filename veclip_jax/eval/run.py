@@ -2,7 +2,8 @@
 
 The library side of `launch/eval.py`: loads the model (our workdir or
 checkpoint, a HF CLIP directory, a released VeCLIP checkpoint) with its own
-tokenizer and preprocessing, puts it on a data-parallel mesh over all
+tokenizer and preprocessing (through the run layer, veclip_jax/run/load.py,
+as `veclip_jax.load` does), puts it on a data-parallel mesh over all
 devices (every process of a multi-host job embeds its own slice), builds the
 tasks (a workdir's `config.evals` entries by name, or the standard ones of
 veclip_jax/eval/registry.py) and runs them with the code training uses.
@@ -25,17 +26,18 @@ import jax
 import ml_collections
 import numpy as np
 
-from veclip_jax.api import LoadedCLIP, load
 from veclip_jax.data.tokenizer import HFTokenizer, Tokenizer
 from veclip_jax.eval import registry
 from veclip_jax.eval.embed import Preprocess
-from veclip_jax.eval.encoders import Encoders
 from veclip_jax.eval.evaluator import Evaluator, flatten
 from veclip_jax.eval.report import results_table
 from veclip_jax.eval.tasks import BENCHMARK_TASK, EvalContext
-from veclip_jax.models.clip import CLIP
+from veclip_jax.fileio import append_text, as_path, atomic_write_text
+from veclip_jax.objectives.model import ObjectiveModel
 from veclip_jax.parallel.mesh import make_mesh, replicated
-from veclip_jax.workdir import CHECKPOINTS, CONFIG_FILE, EVAL_FILE
+from veclip_jax.run.inference import Encoders
+from veclip_jax.run.load import LoadedModel, load_model
+from veclip_jax.run.workdir import CONFIG_FILE, EVAL_FILE, RunPath, run_path
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +55,12 @@ class EvalRun:
     scoring: dict[str, str] = dataclasses.field(default_factory=dict)  # task key -> "tokenwise" / "pooled"
 
 
-def _workdir_of(checkpoint: str) -> str | None:
-    """The training workdir holding a checkpoint step directory, if it is one of ours."""
-    parent = os.path.dirname(os.path.normpath(checkpoint))
-    if os.path.basename(parent) == CHECKPOINTS:
-        workdir = os.path.dirname(parent)
-        if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
-            return workdir
+def _run_of(source: str) -> RunPath | None:
+    """The run a loaded model comes from, if it is a checkpoint in a workdir of ours (with its config)."""
+    run = run_path(source)
+    if run.workdir and run.step is not None and as_path(os.path.join(run.workdir, CONFIG_FILE)).exists():
+        return run
     return None
-
-
-def _step_of(checkpoint: str) -> int | None:
-    base = os.path.basename(os.path.normpath(checkpoint))
-    return int(base) if base.isdigit() else None
 
 
 def task_entries(names: Sequence[str], run_config: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -96,7 +91,7 @@ def _demo_files(run_config: Mapping[str, Any] | None) -> list[str]:
 
 
 def run_tasks(
-    model: CLIP,
+    model: ObjectiveModel,
     host_params: Any,
     tokenizer: Tokenizer | HFTokenizer,
     preprocess: Preprocess,
@@ -129,6 +124,21 @@ def run_tasks(
     return evaluator.run(params), evaluator
 
 
+def write_results(
+    out: str, dumps: Mapping[str, Any], workdir: str | None, line: Mapping[str, Any]
+) -> list[str]:
+    """Writes a JSON file per task into `out` and, for a workdir, `line` into its eval.jsonl; returns
+    the files. Through the path layer (epath): a gs:// workdir or output directory is written alike."""
+    as_path(out).mkdir(parents=True, exist_ok=True)
+    files = []
+    for key, dump in dumps.items():
+        files.append(os.path.join(out, f"{key}.json"))
+        atomic_write_text(files[-1], json.dumps(dump, indent=1))
+    if workdir:
+        append_text(os.path.join(workdir, EVAL_FILE), json.dumps(line) + "\n")
+    return files
+
+
 def evaluate(
     path: str,
     tasks: Sequence[str] = (),
@@ -141,7 +151,7 @@ def evaluate(
     max_examples: int = 0,
     progress: bool = True,
     devices: Sequence[jax.Device] | None = None,
-    loaded: LoadedCLIP | None = None,
+    loaded: LoadedModel | None = None,
 ) -> EvalRun:
     """Evaluates the model at `path` on `tasks` (see the module doc and registry.standard_task).
 
@@ -152,15 +162,13 @@ def evaluate(
       output_dir: where the JSON files go (default WORKDIR/eval_results/step_N, else ./eval_results/NAME).
       batch_size: images or texts per global encoding batch.
       max_examples: evaluate the first N examples of each dataset only (0 = all).
-      loaded: an already loaded model (path then only names it).
+      loaded: an already loaded model (e.g. a `veclip_jax.load` result; path then only names it).
     """
-    loaded = loaded or load(path, tokenizer=tokenizer, step=step)
-    workdir = _workdir_of(loaded.source)
-    run_config = None
-    if workdir:
-        with open(os.path.join(workdir, CONFIG_FILE)) as f:
-            run_config = json.load(f)
-    step = _step_of(loaded.source) if workdir else None
+    loaded = loaded or load_model(path, tokenizer=tokenizer, step=step)
+    run = _run_of(loaded.source)
+    workdir = run.workdir if run else None
+    run_config = json.loads(as_path(os.path.join(workdir, CONFIG_FILE)).read_text()) if workdir else None
+    step = run.step if run else None
     entries = task_entries(list(tasks), run_config)
     if max_examples:
         entries = {n: e | {"max_examples": max_examples} for n, e in entries.items()}
@@ -178,10 +186,9 @@ def evaluate(
             os.path.join(workdir, "eval_results", f"step_{step}") if workdir
             else os.path.join("eval_results", os.path.basename(os.path.normpath(path)))
         )  # fmt: skip
-        os.makedirs(out, exist_ok=True)
         size = ml_collections.ConfigDict(loaded.model_config).get("size", "custom")
-        for task in evaluator.tasks:
-            dump = {
+        dumps = {
+            task.key: {
                 "dataset": task.key,
                 "model": size,
                 "pretrained": loaded.source,
@@ -192,11 +199,8 @@ def evaluate(
                 "step": step,
                 "scoring": task.scoring,
             }
-            files.append(os.path.join(out, f"{task.key}.json"))
-            with open(files[-1], "w") as f:
-                json.dump(dump, f, indent=1)
-        if workdir:
-            with open(os.path.join(workdir, EVAL_FILE), "a") as f:
-                f.write(json.dumps({"step": step} | flatten(results)) + "\n")
+            for task in evaluator.tasks
+        }
+        files = write_results(out, dumps, workdir, {"step": step} | flatten(results))
     rates = {t.key: t.images_per_sec for t in evaluator.tasks}
     return EvalRun(results, types, table, files, step, rates, evaluator.scoring)

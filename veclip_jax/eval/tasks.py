@@ -31,10 +31,9 @@ from veclip_jax.data.tokenizer import HFTokenizer, Tokenizer
 from veclip_jax.eval import datasets, registry
 from veclip_jax.eval.classnames import CLIP_TEMPLATES, load_classnames, load_templates
 from veclip_jax.eval.embed import BatchEncoder, Preprocess, Progress, embed_images
-from veclip_jax.eval.encoders import Encoders
 from veclip_jax.eval.linear_probe import linear_probe
 from veclip_jax.eval.retrieval import retrieval_recall, tokenwise_retrieval_recall
-from veclip_jax.eval.tokenwise import POOLED, TOKENWISE, TokenScorer, class_token_sets
+from veclip_jax.eval.tokenwise import TokenScorer, class_token_sets
 from veclip_jax.eval.zeroshot import (
     class_embeddings,
     classification_metrics,
@@ -42,6 +41,7 @@ from veclip_jax.eval.zeroshot import (
     top_k,
     zeroshot_metrics,
 )
+from veclip_jax.run.inference import POOLED, TOKENWISE, Encoders
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,9 @@ class LinearProbe(Task):
         return metrics | {"lp_C": float(c)}
 
 
-TASK_TYPES: dict[str, type[Task]] = {
+# The class of each type name of registry.TASK_TYPES (the one list of type names: the config check
+# reads it there, without importing JAX; tests/test_eval_by_hand.py checks that the two agree).
+TASK_CLASSES: dict[str, type[Task]] = {
     "zeroshot_classification": ZeroShotClassification,
     "retrieval": Retrieval,
     "linear_probe": LinearProbe,
@@ -297,4 +299,4 @@ TASK_TYPES: dict[str, type[Task]] = {
 def build_task(name: str, entry: Mapping[str, Any], ctx: EvalContext) -> Task:
     """The task of a registry entry (its data's index read now)."""
     registry.check_entry(name, entry)
-    return TASK_TYPES[entry["type"]](name, entry, ctx)
+    return TASK_CLASSES[entry["type"]](name, entry, ctx)

@@ -5,7 +5,9 @@ embeddings have loss weight 0), so its pooled embeddings score at chance; the
 DeCLIP toolkit (`filip_solver.py`, `evaluate`) scores FILIP's zero-shot
 ImageNet token-wise, and so do we for every run whose `config.objective.name`
 is "filip" (`scoring_for`; every other objective, DeFILIP included, is scored
-with the pooled embeddings). The metric names do not change; the evaluation
+with the pooled embeddings). The device side (the encoders, `late_interaction`
+and its sharded, chunked form) is inference: veclip_jax/run/inference.py;
+this module is what evaluation builds on it. The metric names do not change; the evaluation
 report says which scoring was used (`scoring` in the JSON files and EvalRun).
 
 Tokens (models/clip.py `encode_image_tokens`, `encode_text_tokens`): an
@@ -74,113 +76,33 @@ Scores are computed in float32 at full matmul precision.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Iterable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from veclip_jax.defaults import BATCH_AXES
 from veclip_jax.parallel.mesh import batch_sharding, replicated
+from veclip_jax.run.inference import (
+    POOLED,
+    SCORE_BLOCK,
+    TOKENWISE,
+    Keys,
+    batch_shards,
+    key_chunk,
+    pad_rows,
+    put,
+    sharded_late_interaction,
+)
 
-POOLED, TOKENWISE = "pooled", "tokenwise"
 # What the report says for each scoring.
 DESCRIPTION = {
     POOLED: "pooled embeddings (cosine similarity)",
     TOKENWISE: "token-wise late interaction in the objective's token space (FILIP's evaluation)",
 }
-# Objectives (config.objective.name) evaluated token-wise. DeFILIP trains its pooled embeddings
-# (DeCLIP's terms) and is evaluated pooled, as the toolkit does.
-TOKENWISE_OBJECTIVES = frozenset({"filip"})
-
-# The most score entries ([queries, keys, N_q, N_k] float32) one device forms at once: 128 MiB.
-SCORE_BLOCK = 1 << 25
-
-
-def scoring_for(objective: Any) -> str:
-    """POOLED or TOKENWISE for an objective (an Objective, or its config.objective.name)."""
-    name = objective if isinstance(objective, str) else getattr(objective, "name", "clip")
-    return TOKENWISE if name in TOKENWISE_OBJECTIVES else POOLED
-
-
-def text_validity(tokens: np.ndarray, eos_id: int) -> np.ndarray:
-    """bool [n, L]: each row's positions through its first end-of-text token (models/clip.py's rule)."""
-    tokens = np.asarray(tokens)
-    eot = np.argmax(tokens == eos_id, axis=-1)
-    return np.arange(tokens.shape[1])[None, :] <= eot[:, None]
-
-
-def late_interaction(q: jax.Array, q_valid: jax.Array, k: jax.Array, k_valid: jax.Array) -> jax.Array:
-    """[a, c]: for query a and key c, the mean over a's valid tokens of the max over c's valid tokens
-    of the token cosines (q [a, Nq, D], k [c, Nk, D], unit norm per token; validity [a, Nq], [c, Nk]).
-
-    A key without a valid token scores -inf (padding rows); a query without one scores 0.
-    """
-    s = jnp.einsum("and,cmd->acnm", q, k, precision=jax.lax.Precision.HIGHEST)
-    best = jnp.max(jnp.where(k_valid[None, :, None, :], s, -jnp.inf), axis=-1)  # [a, c, Nq]
-    total = jnp.sum(jnp.where(q_valid[:, None, :], best, 0.0), axis=-1)
-    return total / jnp.maximum(jnp.sum(q_valid, axis=-1), 1).astype(jnp.float32)[:, None]
-
-
-def key_chunk(queries: int, query_tokens: int, key_tokens: int, keys: int, budget: int = SCORE_BLOCK) -> int:
-    """Keys per chunk so that [queries, chunk, query_tokens, key_tokens] stays within `budget` floats."""
-    return max(1, min(max(keys, 1), budget // max(1, queries * query_tokens * key_tokens)))
-
-
-def _chunked(q: jax.Array, qv: jax.Array, k: jax.Array, kv: jax.Array, *, chunk: int) -> jax.Array:
-    """late_interaction over the keys `chunk` at a time (k's rows a multiple of chunk): [a, c]."""
-    n = k.shape[0] // chunk
-    blocks = (k.reshape(n, chunk, *k.shape[1:]), kv.reshape(n, chunk, kv.shape[1]))
-    out = jax.lax.map(lambda b: late_interaction(q, qv, *b), blocks)  # [n, a, chunk]
-    return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n * chunk)
-
-
-def sharded_late_interaction(
-    mesh: Mesh, q: jax.Array, qv: jax.Array, k: jax.Array, kv: jax.Array, *, shard: str, chunk: int
-) -> jax.Array:
-    """late_interaction [a, c] on a mesh (inside jit): `shard` "queries" splits the queries over the
-    batch axes (the keys replicated), "keys" the keys (each device's share a multiple of `chunk`)."""
-    whole, split = P(), P(BATCH_AXES)
-    if shard == "queries":
-        specs, out = (split, split, whole, whole), P(BATCH_AXES, None)
-    elif shard == "keys":
-        specs, out = (whole, whole, split, split), P(None, BATCH_AXES)
-    else:
-        raise ValueError(f"shard={shard!r}: 'queries' or 'keys'")
-    fn = functools.partial(_chunked, chunk=chunk)
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out)(q, qv, k, kv)
-
-
-def batch_shards(mesh: Mesh) -> int:
-    return math.prod(mesh.shape[a] for a in BATCH_AXES)
-
-
-def pad_rows(x: np.ndarray, n: int) -> np.ndarray:
-    """x with zero rows appended up to n rows."""
-    if len(x) >= n:
-        return x
-    return np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)])
-
-
-def put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A host array (the same on every process) as a global array: each device takes its slice."""
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-@dataclasses.dataclass
-class Keys:
-    """A token set on the devices: tokens [rows, N, D], validity [rows, N] (rows padded), `count` real."""
-
-    tokens: jax.Array
-    valid: jax.Array
-    count: int
-    chunk: int  # keys per score chunk (per device)
 
 
 def class_token_sets(

@@ -16,7 +16,8 @@ below only says how a tensor's layout differs:
 from_hf  reads HF CLIP directories (weights, config, tokenizer, image processor): `veclip_jax.load`, init_from
 to_hf    writes them (launch/export.py)
 
-Neither imports the trainer.
+Neither imports the trainer nor the evaluation package: checkpoints are read
+through the run layer (veclip_jax/run/).
 """
 
 WEIGHTS = "model.safetensors"

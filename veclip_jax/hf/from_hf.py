@@ -21,7 +21,7 @@ from veclip_jax import defaults
 from veclip_jax.data.image_ops import CLIP_MEAN, CLIP_STD, EvalPreprocess
 from veclip_jax.data.tokenizer import HFTokenizer, Tokenizer, is_hf_tokenizer_dir
 from veclip_jax.hf import WEIGHTS
-from veclip_jax.models.clip import abstract_params, build_model
+from veclip_jax.objectives.model import abstract_params, build
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def is_hf_clip_dir(path: str) -> bool:
     is only informative): a damaged HF directory is not "no model here".
     """
     from veclip_jax.errors import UserError
-    from veclip_jax.workdir import CHECKPOINTS
+    from veclip_jax.run.workdir import CHECKPOINTS
 
     path = os.path.expanduser(path)
     config = os.path.join(path, "config.json")
@@ -259,6 +259,6 @@ def import_hf(
         pad = text.pad_token_id if text.pad_token_id is not None else 0
         tok = Tokenizer(tok_path, text.max_position_embeddings, pad_id=pad, eos_id=eos)
     model_cfg = model_config_from_hf(hf_cfg, eos_id=eos, pad_id=pad)
-    params = params_from_hf(load_hf_state_dict(hf_dir), abstract_params(build_model(model_cfg)))
+    params = params_from_hf(load_hf_state_dict(hf_dir), abstract_params(build(model_cfg)))
     return model_cfg, params, tok
 

@@ -238,7 +238,7 @@ def save_hf_directory(
 def _looks_like_export(path: str) -> bool:
     """An empty directory, or one holding a HF CLIP config and weights and no training state of ours."""
     from veclip_jax.hf.from_hf import is_hf_clip_dir
-    from veclip_jax.workdir import CHECKPOINTS
+    from veclip_jax.run.workdir import CHECKPOINTS
 
     if os.path.isdir(path) and not os.listdir(path):
         return True  # nothing to lose
@@ -275,27 +275,18 @@ def check_output(out: str, *, force: bool, source: str | None = None) -> None:
                             "or holds checkpoints; refusing to replace it, even with --force")  # fmt: skip
 
 
-def _run_root(checkpoint: str) -> str:
-    """The workdir (or checkpoints root) a checkpoint path belongs to: what an export must not touch."""
-    from veclip_jax.workdir import CHECKPOINTS
-
-    path = os.path.realpath(os.path.expanduser(checkpoint))
-    if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == CHECKPOINTS:
-        return os.path.dirname(os.path.dirname(path))
-    if os.path.basename(path) == CHECKPOINTS:
-        return os.path.dirname(path)
-    return path
-
-
 def export_checkpoint(checkpoint: str, out: str, *, step: int | None = None, force: bool = False) -> str:
     """A workdir / checkpoint of ours -> a transformers CLIP directory at `out` (see `save_hf_directory`)."""
     import jax
 
     from veclip_jax.data.tokenizer import load_tokenizer
-    from veclip_jax.train.checkpoint import load_trained_params
-    from veclip_jax.workdir import find_tokenizer
+    from veclip_jax.run.checkpoint import load_trained_params
+    from veclip_jax.run.workdir import find_tokenizer, run_path
 
-    check_output(out, force=force, source=_run_root(checkpoint))  # before loading anything
+    # The run exported from (its workdir, else its checkpoints directory) is what an export must not
+    # touch: checked before anything is loaded.
+    run = run_path(os.path.realpath(os.path.expanduser(checkpoint)))
+    check_output(out, force=force, source=run.workdir or run.checkpoints)
     trained = load_trained_params(checkpoint, step)
     t = trained.model_config.text
     tokenizer = load_tokenizer(
@@ -307,5 +298,5 @@ def export_checkpoint(checkpoint: str, out: str, *, step: int | None = None, for
         trained.model_config,
         tokenizer,
         force=force,
-        objective=trained.objective,
+        objective=trained.objective.name,
     )

@@ -44,6 +44,16 @@ def exact_gelu(x: jax.Array) -> jax.Array:
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": exact_gelu}
 
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Rows of `x` over their L2 norm, in float32: embeddings, tokens, queues all use this one.
+
+    A row whose norm is below `eps` is divided by `eps` instead (a zero row,
+    e.g. a padded token, stays zero with a zero gradient).
+    """
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
 # What a block keeps for the backward pass; the rest is recomputed. "dots"
 # keeps matmul outputs and recomputes norms, activations and softmax;
 # "dots_no_batch" also recomputes attention's score matmuls (batched dots);

@@ -9,17 +9,21 @@
 | filip   | token-wise late interaction (filip.py)                      | + token mappings   |
 | defilip | DeCLIP + FILIP's term (filip.py)                            | + all of the above |
 
-Each objective's fields are its config sub-section, `config.objective.NAME`
-(veclip_jax/defaults.py), passed to its dataclass as they are.
+Each objective's configurable fields are its config sub-section,
+`config.objective.NAME`: declared once, JAX-free, in veclip_jax/objective_fields.py
+(its dataclass inherits them; veclip_jax/defaults.py builds the section from
+them), checked by the one checker (veclip_jax/schema.py) and passed to the
+dataclass as they are.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any
 
-from veclip_jax.objectives.base import BATCH_EXTRAS, OBJECTIVE_PARAMS, Objective, TowerDims
+from veclip_jax import schema
+from veclip_jax.errors import ConfigError
+from veclip_jax.objective_fields import checks, config_fields
+from veclip_jax.objectives.base import OBJECTIVE_PARAMS, Objective, TowerDims
 from veclip_jax.objectives.clip import ClipObjective
 from veclip_jax.objectives.declip import DeclipObjective
 from veclip_jax.objectives.filip import DefilipObjective, FilipObjective
@@ -37,57 +41,29 @@ REGISTRY: dict[str, type[Objective]] = {
 OBJECTIVES = tuple(REGISTRY)
 
 __all__ = [
-    "BATCH_EXTRAS",
     "OBJECTIVES",
     "OBJECTIVE_PARAMS",
     "Objective",
     "TowerDims",
-    "batch_keys_for",
     "config_fields",
     "make_objective",
 ]
-
-# Fields every objective has, set by its class rather than by the config.
-_FIXED = {f.name for f in dataclasses.fields(Objective)}
-
-
-def config_fields(name: str) -> dict[str, Any]:
-    """The configurable fields of objective `name` with their defaults (its `config.objective.NAME`)."""
-    return {f.name: f.default for f in dataclasses.fields(REGISTRY[name]) if f.name not in _FIXED}
-
-
-def _check(name: str, field: str, value: Any, default: Any) -> Any:
-    """`value` as the field's type (int fields: whole numbers >= 1), or ValueError naming the field."""
-    where = f"config.objective.{name}.{field}={value!r}"
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{where}: must be a finite number")
-    if isinstance(default, int):
-        if value != int(value) or value < 1:
-            raise ValueError(f"{where}: must be a whole number >= 1")
-        return int(value)
-    if field.endswith("_weight") and value < 0:
-        raise ValueError(f"{where}: a loss weight must be >= 0")
-    if field.endswith("temperature") and value <= 0:
-        raise ValueError(f"{where}: must be > 0")
-    return float(value)
 
 
 def make_objective(objective_cfg: Any = None) -> Objective:
     """The objective for a config's `objective` section (None: CLIP, the default).
 
-    Raises ValueError naming the field for an unknown name or a bad value.
+    Raises ConfigError (a ValueError) naming the field for an unknown name or a bad value.
     """
     if objective_cfg is None:
         return ClipObjective()
     name = objective_cfg.name
     if name not in REGISTRY:
-        raise ValueError(f"config.objective.name={name!r}: use one of {', '.join(OBJECTIVES)}")
+        raise ConfigError(f"config.objective.name={name!r}: use one of {', '.join(OBJECTIVES)}")
     fields = config_fields(name)
     section = objective_cfg.get(name) or {}
-    values = {k: _check(name, k, section[k], default) for k, default in fields.items() if k in section}
-    return REGISTRY[name](**values)
-
-
-def batch_keys_for(name: str) -> tuple[str, ...]:
-    """What the input pipeline must supply for objective `name` beyond image and tokens (base.py)."""
-    return REGISTRY[name].batch_keys if name in REGISTRY else ()
+    where = f"config.objective.{name}"
+    unknown = f"is not a field of objective {name!r} ({', '.join(fields)})"
+    schema.check_section(section, fields, where, unknown=unknown)
+    schema.check_ranges(section, [c for c in checks(name) if c[0] in section], where)
+    return REGISTRY[name](**{k: type(fields[k])(section[k]) for k in fields if k in section})

@@ -2,30 +2,35 @@
 
 An objective turns the model's outputs (and the batch, and its own state)
 into `loss, metrics`; it declares what it needs so the input pipeline, the
-model, the step and the config checks serve it without knowing which
+towers, the step and the config checks serve it without knowing which
 objective runs:
 
-- `batch_keys`: what the input pipeline supplies beyond the caption tokens
-  (data/pipeline.py `extras`): "views" (data.augment.views MoCoV2 views),
-  "tokens_eda" (the caption after one EDA operation), "tokens_mlm" and
-  "mlm_labels" (the masked caption and its targets), "no_image" (no standard
-  crop: the objective reads only the views).
+- `inputs`: the batch keys it reads (veclip_jax/batch.py, the one schema):
+  "image" (the standard crop; DeCLIP and FILIP read only views), "tokens",
+  "views" (data.augment.views MoCoV2 views), "tokens_eda" (the caption after
+  one EDA operation), "tokens_mlm" and "mlm_labels" (the masked caption and
+  its targets). The pipeline makes exactly these; the step shards them.
 - `views`: how many augmented views it reads (data.augment.views must match).
 - `needs`: the model outputs it reads (models/clip.py OUTPUTS: pooled
   embeddings, pre-projection features, token features of the image, of each
-  view, of each text input, "logit_scale", "objective").
+  view, of each text input, "logit_scale"; and "objective", its heads'
+  outputs).
 - `pooled_only`: reads only the pooled embeddings, the logit scale and its
   own scalar parameters. Such objectives keep the exact gradient
   accumulation of train/step.py (gradient cache); the others refuse
   `grad_accum_steps > 1` (config.py).
 - `heads(dims)`: a Flax module for the parameters it owns (scalars such as
-  SigLIP's bias, MLP heads such as SLIP's), or None. It lives in the
-  parameter tree under `objective/` (models/clip.py), so it is trained,
-  checkpointed and sharded like any parameter (its kernels name logical
-  axes), and the HF export drops it, saying so. It is called with the tower
-  outputs and its results appear as `outputs["objective"]`.
+  SigLIP's bias, MLP heads such as SLIP's), or None. Composed with the
+  towers by objectives/model.py, it lives in the parameter tree under
+  `objective/`, so it is trained, checkpointed and sharded like any
+  parameter (its kernels name logical axes), and the HF export drops it,
+  saying so. It is called with the tower outputs and its results appear as
+  `outputs["objective"]`.
 - `logit_scale_init`: when set, the model's temperature parameter starts
   there instead of at `config.model.logit_scale_init` (SigLIP: log 10).
+- `gauges`: metrics that are values of the state rather than of the step
+  (the temperature, a learned bias): logged as the window's last value, not
+  its mean.
 - state (DeCLIP's text queue): `init_state(rng, dims)` gives the arrays (a dict,
   {} for none), `state_axes()` their logical axis names (sharding),
   `next_state(outputs, state)` the state after a step (outside the
@@ -43,23 +48,15 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
+
+from veclip_jax.batch import DEFAULT_KEYS
 
 Outputs = Mapping[str, Any]
 LossAndMetrics = tuple[jax.Array, dict[str, jax.Array]]
 
 # The parameter-tree key under which objective-owned parameters live.
 OBJECTIVE_PARAMS = "objective"
-
-# Extras the input pipeline knows how to supply (data/pipeline.py).
-BATCH_EXTRAS = ("views", "no_image", "tokens_eda", "tokens_mlm", "mlm_labels")
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """Rows of `x` scaled to unit length, in float32 (`eps` guards a zero row)."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 class TowerDims(NamedTuple):
@@ -83,9 +80,10 @@ class Objective:
 
     name: str = "clip"
     needs: tuple[str, ...] = ("image_embeds", "text_embeds", "logit_scale")
-    batch_keys: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = DEFAULT_KEYS
     views: int = 0
     pooled_only: bool = True
+    gauges: tuple[str, ...] = ("logit_scale",)
 
     @property
     def logit_scale_init(self) -> float | None:

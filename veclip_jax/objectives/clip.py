@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from veclip_jax.defaults import BATCH_AXES
 from veclip_jax.objectives.base import Objective
+from veclip_jax.parallel.axes import BATCH_AXES
 
 
 def _terms(

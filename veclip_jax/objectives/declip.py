@@ -49,11 +49,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from veclip_jax.defaults import BATCH_AXES
-from veclip_jax.models.layers import with_axes
-from veclip_jax.objectives.base import Objective, TowerDims, l2_normalize
+from veclip_jax.models.layers import l2_normalize, with_axes
+from veclip_jax.objective_fields import DeclipFields
+from veclip_jax.objectives.base import Objective, TowerDims
 from veclip_jax.objectives.clip import clip_loss
 from veclip_jax.objectives.heads import MLP
+from veclip_jax.parallel.axes import BATCH_AXES
 
 # --- image self-supervision ---------------------------------------------------------------------
 
@@ -293,7 +294,7 @@ class DeclipHeads(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class DeclipObjective(Objective):
+class DeclipObjective(DeclipFields, Objective):
     """DeCLIP: multi-view CLIP + SimSiam + MLM + nearest-neighbour supervision from a text queue (A.3).
 
     Inputs: two MoCoV2 views (no standard crop), the MLM-masked caption (its
@@ -304,13 +305,6 @@ class DeclipObjective(Objective):
     rows sharded over the batch axes ("queue" in the sharding rules).
     """
 
-    clip_weight: float = 0.4
-    simsiam_weight: float = 0.2
-    mlm_weight: float = 0.2
-    nn_weight: float = 0.2
-    queue_size: int = 65_536
-    proj_dim: int = 1024
-    pred_dim: int = 512
     name: str = "declip"
     needs: tuple[str, ...] = (
         "view_embeds",
@@ -321,7 +315,8 @@ class DeclipObjective(Objective):
         "logit_scale",
         "objective",
     )
-    batch_keys: tuple[str, ...] = ("views", "no_image", "tokens_eda", "tokens_mlm", "mlm_labels")
+    # No standard crop: the two views only.
+    inputs: tuple[str, ...] = ("tokens", "views", "tokens_eda", "tokens_mlm", "mlm_labels")
     views: int = 2
     pooled_only: bool = False
 

@@ -63,14 +63,13 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from veclip_jax.defaults import BATCH_AXES
+from veclip_jax.models.layers import l2_normalize
+from veclip_jax.objective_fields import DefilipFields, FilipFields
 from veclip_jax.objectives.base import Objective, TowerDims
 from veclip_jax.objectives.clip import clip_loss
 from veclip_jax.objectives.declip import DeclipHeads, DeclipObjective
 from veclip_jax.objectives.heads import ScalarParams, dense
-
-# Squared-norm floor of the per-token normalisation: a zero (padded) token stays zero, with a zero gradient.
-_NORM_EPS = 1e-24
+from veclip_jax.parallel.axes import BATCH_AXES
 
 Selected = tuple[jax.Array, jax.Array, jax.Array]
 
@@ -79,9 +78,8 @@ def _normalise(tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
     """float32 tokens over unit L2 norm per token; positions not `valid` become zero vectors."""
     x = tokens.astype(jnp.float32)
     if valid is not None:
-        x = jnp.where(valid[..., None], x, 0.0)
-    sq = jnp.sum(x * x, axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS))
+        x = jnp.where(valid[..., None], x, 0.0)  # a zero token stays zero, with a zero gradient
+    return l2_normalize(x)
 
 
 def select_topk_tokens(
@@ -314,7 +312,7 @@ class FilipHeads(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class FilipObjective(Objective):
+class FilipObjective(FilipFields, Objective):
     """FILIP: InfoNCE over token-wise late-interaction similarities (OBJECTIVES.md A.5).
 
     The toolkit's recipe: view 1 of the MoCoV2 transform, the dense loss only
@@ -323,11 +321,6 @@ class FilipObjective(Objective):
     masked out (the toolkit does not mask it).
     """
 
-    dense_weight: float = 1.0
-    clip_weight: float = 0.0
-    top_k: int = 16
-    token_dim: int = 256
-    dense_scale_init: float = math.log(1 / 0.07)
     name: str = "filip"
     needs: tuple[str, ...] = (
         "view_tokens",
@@ -338,7 +331,8 @@ class FilipObjective(Objective):
         "logit_scale",
         "objective",
     )
-    batch_keys: tuple[str, ...] = ("views", "no_image")
+    inputs: tuple[str, ...] = ("tokens", "views")  # view 1, no standard crop
+    gauges: tuple[str, ...] = ("logit_scale", "filip_logit_scale")
     views: int = 1
     pooled_only: bool = False
 
@@ -373,19 +367,16 @@ class DefilipHeads(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class DefilipObjective(DeclipObjective):
+class DefilipObjective(DefilipFields, DeclipObjective):
     """DeFILIP: every DeCLIP term plus FILIP's token-wise term between view 1 and the masked caption (A.6).
 
     Weights (the toolkit's): clip 0.4, simsiam 0.2, mlm 0.2, nn 0.2, filip 0.2
     (they sum to 1.2).
     """
 
-    filip_weight: float = 0.2
-    top_k: int = 16
-    token_dim: int = 256
-    dense_scale_init: float = math.log(1 / 0.07)
     name: str = "defilip"
     needs: tuple[str, ...] = (*DeclipObjective.needs, "view_tokens", "text_valid")
+    gauges: tuple[str, ...] = ("logit_scale", "filip_logit_scale")
 
     def heads(self, dims: TowerDims) -> DefilipHeads:
         # Unnamed: DefilipHeads adopts it as objective/filip (given a name here, flax would bind it to the

@@ -28,9 +28,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from veclip_jax.defaults import BATCH_AXES
+from veclip_jax.objective_fields import SigLipFields
 from veclip_jax.objectives.base import Objective, TowerDims
 from veclip_jax.objectives.heads import ScalarParams
+from veclip_jax.parallel.axes import BATCH_AXES
 
 
 def _block_terms(
@@ -142,13 +143,12 @@ def siglip_loss(
 
 
 @dataclasses.dataclass(frozen=True)
-class SigLipObjective(Objective):
+class SigLipObjective(SigLipFields, Objective):
     """The sigmoid loss as an objective: pooled embeddings, the temperature and its own bias."""
 
-    temperature_init: float = math.log(10.0)
-    bias_init: float = -10.0
     name: str = "siglip"
     needs: tuple[str, ...] = ("image_embeds", "text_embeds", "logit_scale", "objective")
+    gauges: tuple[str, ...] = ("logit_scale", "logit_bias")
 
     def heads(self, dims: TowerDims) -> ScalarParams:
         return ScalarParams((("bias", self.bias_init),))

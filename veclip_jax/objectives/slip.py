@@ -38,10 +38,12 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from veclip_jax.defaults import BATCH_AXES
-from veclip_jax.objectives.base import Objective, TowerDims, l2_normalize
+from veclip_jax.models.layers import l2_normalize
+from veclip_jax.objective_fields import SlipFields
+from veclip_jax.objectives.base import Objective, TowerDims
 from veclip_jax.objectives.clip import clip_loss
 from veclip_jax.objectives.heads import MLP
+from veclip_jax.parallel.axes import BATCH_AXES
 
 
 def _terms(
@@ -129,17 +131,12 @@ class SlipHeads(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class SlipObjective(Objective):
+class SlipObjective(SlipFields, Objective):
     """SLIP: CLIP on the standard crop + weight x SimCLR (NT-Xent) on two MoCoV2 views (OBJECTIVES.md A.4)."""
 
-    clip_weight: float = 1.0
-    ssl_weight: float = 1.0
-    ssl_temperature: float = 0.1
-    mlp_dim: int = 4096
-    ssl_dim: int = 256
     name: str = "slip"
     needs: tuple[str, ...] = ("image_embeds", "text_embeds", "logit_scale", "view_pooled", "objective")
-    batch_keys: tuple[str, ...] = ("views",)
+    inputs: tuple[str, ...] = ("image", "tokens", "views")
     views: int = 2
     pooled_only: bool = False
 

@@ -11,13 +11,14 @@ types are written (axlearn's `mesh_selector` style):
 `config.mesh_rules` is a tuple of (regex, overrides): the first regex that
 matches `config.hardware` sets those config fields (mesh shape, remat,
 gradient accumulation, compute dtype), axlearn's `mesh_rules` idea. The rules
-are config data, so the golden configs show them. `apply_mesh_rules` runs
-before validation; `check_devices` refuses a run whose devices are not the
-hardware it names.
+are config data, so the golden configs show them. `apply_mesh_rules` gives
+the config with its rule applied (a copy), which is then validated;
+`check_devices` refuses a run whose devices are not the hardware it names.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from collections.abc import Sequence
@@ -119,20 +120,24 @@ def matching_rule(rules: Sequence[Any], hardware: str) -> tuple[str, dict[str, A
     return None
 
 
-def apply_mesh_rules(config: ml_collections.ConfigDict) -> str | None:
-    """Sets the fields the matching rule of `config.mesh_rules` names; returns its regex (or None).
+def apply_mesh_rules(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, str | None]:
+    """A copy of `config` with the fields the matching rule of `config.mesh_rules` sets, and its regex.
 
+    The given config is not changed (a config is checked as it will run:
+    veclip_jax/config.py `check_config` applies the rule, then validates).
     Overrides are dotted field paths ("mesh.fsdp", "model.remat"). The
-    hardware's slice count becomes `config.mesh.slices`. No-op without
-    `config.hardware`. An unknown field in a rule is a UserError naming it.
+    hardware's slice count becomes `config.mesh.slices`. Without
+    `config.hardware` the copy is unchanged and the regex None; likewise the
+    regex when no rule matches. An unknown field in a rule is a UserError naming it.
     """
+    config = copy.deepcopy(config)
     if not config.hardware:
-        return None
+        return config, None
     accelerator = parse_hardware(config.hardware)
     config.mesh.slices = accelerator.slices
     found = matching_rule(config.mesh_rules, config.hardware)
     if found is None:
-        return None
+        return config, None
     pattern, overrides = found
     for dotted, value in overrides.items():
         *path, leaf = dotted.split(".")
@@ -144,7 +149,7 @@ def apply_mesh_rules(config: ml_collections.ConfigDict) -> str | None:
         if leaf not in node:
             raise UserError(f"config.mesh_rules[{pattern!r}]: config.{dotted} is not a field")
         node[leaf] = value
-    return pattern
+    return config, pattern
 
 
 def check_devices(hardware: str, devices: Sequence[Any]) -> None:

@@ -12,8 +12,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from veclip_jax.defaults import MESH_AXES
 from veclip_jax.errors import LayoutError
+from veclip_jax.parallel.axes import MESH_AXES
 from veclip_jax.parallel.rules import batch_spec
 
 

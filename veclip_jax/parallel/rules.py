@@ -21,7 +21,8 @@ from typing import Any
 
 from jax.sharding import PartitionSpec as P
 
-from veclip_jax.defaults import BATCH_AXES, SHARDING_RULES
+from veclip_jax.defaults import SHARDING_RULES
+from veclip_jax.parallel.axes import BATCH_AXES
 
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 

@@ -25,14 +25,10 @@ import ml_collections
 import numpy as np
 
 from veclip_jax.errors import UserError
-from veclip_jax.models.clip import build_model, input_shapes, param_count
-from veclip_jax.objectives import make_objective
+from veclip_jax.objectives.model import param_count
 from veclip_jax.parallel.hardware import Accelerator, devices_per_chip, parse_hardware
-from veclip_jax.parallel.mesh import batch_sharding, make_mesh
-from veclip_jax.parallel.rules import rules_from_config
-from veclip_jax.train.optim import make_optimizer
-from veclip_jax.train.state import abstract_train_state, state_shardings
-from veclip_jax.train.step import make_train_step
+from veclip_jax.parallel.mesh import make_mesh
+from veclip_jax.train.assembly import assemble
 
 LIBTPU_PIN = "libtpu==0.0.42.*"  # what jax[tpu]==0.10.2 pins
 # Quiet, fast libtpu start-up on a host that is not a TPU VM (no metadata server queries).
@@ -121,6 +117,7 @@ class CompiledStep:
     flops_per_step: float  # model FLOPs, whole pod
     peak_flops: float  # whole pod, bf16
     compile_seconds: float
+    param_count: int  # the model's, towers and objective heads
 
     @property
     def peak_bytes(self) -> int:
@@ -146,27 +143,10 @@ def compile_step(
 ) -> CompiledStep:
     """Lowers and compiles the real train step of `config` on a mesh of `devices` (compile-only)."""
     mesh = make_mesh(config.mesh, devices)
-    rules = rules_from_config(config)
-    model = build_model(config.model, objective_cfg=config.objective)
-    tx = make_optimizer(config.optim, config.total_steps)
-    shardings = state_shardings(model, tx, mesh, rules)
-    state = abstract_train_state(model, tx, shardings)
-    batch = {
-        k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
-        for k, (shape, dtype) in input_shapes(model, config.batch_size).items()
-    }
-    k = config.optim.grad_accum_steps
-    step = make_train_step(
-        model,
-        tx,
-        mesh,
-        shardings,
-        grad_accum_steps=k,
-        rules=rules,
-        objective=make_objective(config.objective),
-    )
+    assembly = assemble(config, mesh)  # the loop's own step: what compiles here is what trains
+    state = assembly.abstract_state()
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = assembly.step.lower(state, assembly.abstract_batch()).compile()
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     per_chip = devices_per_chip(devices)
@@ -185,6 +165,7 @@ def compile_step(
         flops_per_step=train_flops_per_step(config),
         peak_flops=chip.peak_bf16_tflops * 1e12 * len(devices) / per_chip,
         compile_seconds=seconds,
+        param_count=param_count(assembly.model),
     )
 
 
@@ -208,7 +189,7 @@ def describe(report: CompiledStep, config: ml_collections.ConfigDict) -> str:
     """The per-chip table compile.py prints."""
     gib = lambda n: f"{n / 2**30:9.3f} GiB"
     images = config.batch_size / report.step_seconds_at_peak
-    millions = param_count(build_model(config.model, objective_cfg=config.objective)) / 1e6
+    millions = report.param_count / 1e6
     rows = [
         f"model            {config.model.size}: {millions:.1f}M parameters, {config.model.dtype}, "
         f"remat {config.model.remat}",

@@ -1,4 +1,4 @@
-"""Checkpoints with Orbax: parameters, optimizer state, the data iterator, metadata.
+"""Writing checkpoints with Orbax: parameters, optimizer state, the data iterator, metadata.
 
 A checkpoint is one Orbax `CheckpointManager` step directory under
 `WORKDIR/checkpoints/STEP/` holding four items:
@@ -22,12 +22,15 @@ truncated or deleted) is named, moved to `WORKDIR/checkpoints-damaged/`
 (never deleted) and the run resumes from the newest intact one
 (`restore_latest`); with none intact nothing is moved and the error names
 every step and what is wrong with it.
+
+This module is the trainer's: it saves and restores whole train states.
+Reading a checkpoint's parameters and metadata without the trainer (load,
+export, evaluation, `config.init_from`) is veclip_jax/run/checkpoint.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import shutil
@@ -37,30 +40,19 @@ from typing import Any
 
 import grain
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 
 from veclip_jax.errors import CheckpointError, UserError
 from veclip_jax.fileio import normalize
-from veclip_jax.models.clip import abstract_params, build_model
+from veclip_jax.run.checkpoint import _first_line, _restore_meta
+from veclip_jax.run.workdir import DAMAGED_CHECKPOINTS
 from veclip_jax.train.state import TrainState
-from veclip_jax.workdir import CHECKPOINTS, DAMAGED_CHECKPOINTS
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
-
-
-def _restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    """The JSON metadata item of a checkpoint (no arrays read)."""
-    return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 
 def _train_item(state: TrainState) -> dict[str, Any]:
@@ -229,114 +221,3 @@ class Checkpointer:
     def close(self) -> None:
         self._mngr.close()
 
-
-def _unreadable(root: str, step: int, e: BaseException, mngr: ocp.CheckpointManager) -> CheckpointError:
-    others = sorted(s for s in mngr.all_steps() if s != step)
-    hint = f"; other steps there: {others} (pass step=N)" if others else ""
-    return CheckpointError(
-        f"the checkpoint {os.path.join(root, str(step))} cannot be restored: "
-        f"{type(e).__name__}: {_first_line(e)}{hint}"
-    )
-
-
-def resolve_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
-    """(checkpoint root, step) for a workdir, a checkpoints directory or one step's directory.
-
-    Without `step` a root resolves to its newest complete checkpoint.
-    """
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no checkpoint directory at {path}")
-    if os.path.isdir(os.path.join(path, CHECKPOINTS)):
-        path = os.path.join(path, CHECKPOINTS)
-    base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
-        if step is not None and step != int(base):
-            raise ValueError(f"{path} is the checkpoint of step {base}, not {step}")
-        return os.path.dirname(path), int(base)
-    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
-    try:
-        steps = list(mngr.all_steps())
-    finally:
-        mngr.close()
-    if not steps:
-        raise FileNotFoundError(f"no complete checkpoint under {path}")
-    if step is None:
-        return path, max(steps)
-    if step not in steps:
-        raise FileNotFoundError(f"no checkpoint of step {step} under {path} (steps: {sorted(steps)})")
-    return path, step
-
-
-def read_metadata(path: str, step: int | None = None) -> dict[str, Any]:
-    """A checkpoint's JSON metadata (config, step; no arrays read), `path` as in `resolve_checkpoint`."""
-    root, step = resolve_checkpoint(path, step)
-    mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
-    try:
-        meta = _restore_meta(mngr, step)
-    except Exception as e:
-        raise _unreadable(root, step, e, mngr) from e
-    finally:
-        mngr.close()
-    return dict(meta, checkpoint=os.path.join(root, str(step)), step=step)
-
-
-def restore_params(
-    path: str, abstract_params: Any | None = None, *, step: int | None = None, partial: bool = False
-) -> tuple[Any, dict]:
-    """(params, meta) of a checkpoint of ours (see `resolve_checkpoint` for `path`).
-
-    `abstract_params` (ShapeDtypeStructs with shardings) says where to put the
-    arrays and must match the checkpoint's shapes; None restores them with the
-    shardings they were saved with (those devices must exist here). `partial`:
-    read only the entries of `abstract_params` (e.g. the towers of a
-    checkpoint trained with another objective's heads).
-    """
-    root, step = resolve_checkpoint(path, step)
-    mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
-    try:
-        if partial:
-            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
-            item = ocp.args.PyTreeRestore(abstract_params, restore_args=restore_args, partial_restore=True)
-        else:
-            item = ocp.args.StandardRestore(abstract_params)
-        args = ocp.args.Composite(params=item, meta=ocp.args.JsonRestore())
-        r = mngr.restore(step, args=args)
-    except Exception as e:
-        raise _unreadable(root, step, e, mngr) from e
-    finally:
-        mngr.close()
-    params = r["params"]
-    if abstract_params is not None:  # Orbax gives plain containers: our structure back
-        params = jax.tree.unflatten(jax.tree.structure(abstract_params), jax.tree.leaves(params))
-    return params, dict(r["meta"], checkpoint=os.path.join(root, str(step)), step=step)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainedParams:
-    """A checkpoint's parameters with the model section they belong to."""
-
-    model_config: ml_collections.ConfigDict
-    params: Any  # on one device
-    checkpoint: str  # the step directory read
-    objective: str = "clip"  # config.objective.name of the run (its heads are in params["objective"])
-    objective_config: Any = None  # the run's config.objective (None: CLIP), to build the model with its heads
-
-
-def load_trained_params(path: str, step: int | None = None) -> TrainedParams:
-    """The parameters of a checkpoint of ours on the first device, and its `config.model`.
-
-    `path` as in `resolve_checkpoint`. What inference and export need; the
-    optimizer state and data iterator are not read.
-    """
-    meta = read_metadata(path, step)
-    model_cfg = ml_collections.ConfigDict(meta["config"]["model"])
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    # The objective's own parameters (SigLIP's bias) are part of the saved tree: build them too.
-    objective = meta["config"].get("objective")
-    objective_cfg = ml_collections.ConfigDict(objective) if objective else None
-    shapes = abstract_params(build_model(model_cfg, objective_cfg=objective_cfg))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-    params, meta = restore_params(path, abstract, step=meta["step"])
-    name = objective_cfg.name if objective_cfg else "clip"
-    return TrainedParams(model_cfg, params, meta["checkpoint"], name, objective_cfg)

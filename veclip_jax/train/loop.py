@@ -32,39 +32,30 @@ import jax
 import ml_collections
 import numpy as np
 
-from veclip_jax.config import ConfigError, validate_config
+from veclip_jax.config import CheckedConfig, ConfigError, check_config, validate_layout
 from veclip_jax.data.image_ops import EvalPreprocess
-from veclip_jax.data.pipeline import (
-    BAD_REASONS,
-    DataSources,
-    make_train_iterator,
-    mix_ratios,
-    resolve_sources,
-)
+from veclip_jax.data.pipeline import DataSources, make_train_iterator, resolve_sources
+from veclip_jax.data.skips import BAD_REASONS
 from veclip_jax.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
-from veclip_jax.eval.encoders import Encoders
+from veclip_jax.data.train_iterator import mix_ratios
 from veclip_jax.eval.evaluator import Evaluator
 from veclip_jax.eval.tasks import EvalContext
 from veclip_jax.fileio import atomic_write_text, json_safe, normalize
 from veclip_jax.hf.from_hf import check_same_model, import_params, is_hf_clip_dir
-from veclip_jax.models.clip import CLIP, build_model
-from veclip_jax.objectives import OBJECTIVE_PARAMS, make_objective
-from veclip_jax.parallel.hardware import apply_mesh_rules, check_devices
+from veclip_jax.objectives import OBJECTIVE_PARAMS, Objective
+from veclip_jax.parallel.hardware import check_devices
 from veclip_jax.parallel.mesh import global_batch, make_mesh
-from veclip_jax.parallel.rules import rules_from_config
-from veclip_jax.train.checkpoint import Checkpointer, restore_params
+from veclip_jax.run.checkpoint import restore_params
+from veclip_jax.run.inference import Encoders
+from veclip_jax.run.workdir import CHECKPOINTS, CONFIG_FILE, WorkdirLock, keep_tokenizer
+from veclip_jax.train.assembly import Assembly, assemble
+from veclip_jax.train.checkpoint import Checkpointer
 from veclip_jax.train.metrics import MetricsWriter
-from veclip_jax.train.optim import learning_rate_schedule, make_optimizer
 from veclip_jax.train.preemption import Preemption
-from veclip_jax.train.state import TrainState, abstract_train_state, init_train_state, state_shardings
-from veclip_jax.train.step import make_train_step
-from veclip_jax.workdir import CHECKPOINTS, CONFIG_FILE, WorkdirLock, keep_tokenizer
+from veclip_jax.train.state import TrainState
+from veclip_jax.train.step import STEP_APPLIED, STEP_GAUGES
 
 log = logging.getLogger(__name__)
-
-# Step metrics reported as the window's last value rather than its mean; step_applied is bookkeeping.
-_LAST_VALUE = ("learning_rate", "logit_scale", "logit_bias", "filip_logit_scale")
-_NOT_LOGGED = ("step_applied",)
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -83,7 +74,7 @@ class TrainResult:
 
 
 def train(
-    config: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict | CheckedConfig,
     workdir: str,
     *,
     devices: list[jax.Device] | None = None,
@@ -92,7 +83,8 @@ def train(
     """Trains (or resumes training) `config` in `workdir`; see the module doc.
 
     Args:
-      config: a config with the fields of veclip_jax/defaults.py (validated first).
+      config: a config with the fields of veclip_jax/defaults.py (checked first), or the CLI's
+        CheckedConfig (checked before JAX started; only the checks that need the devices run).
       workdir: checkpoints, metrics.jsonl, eval.jsonl, tensorboard/, config.json, the tokenizer.
       devices: the devices of the mesh (default: all).
       stop_after: at most this many steps in this call, then save and return
@@ -100,8 +92,9 @@ def train(
     """
     # --- config: refused before any compute ------------------------------------------------------
     devices = list(devices if devices is not None else jax.devices())
-    _check_config(config, devices)
-    rules = rules_from_config(config)
+    checked = _check_config(config, devices)  # the hardware's mesh rule applied
+    # The run's one objective (made while checking): the input, the model, the step and the evals serve it.
+    config, objective = checked.config, checked.objective
     workdir = normalize(workdir)  # local: absolute; gs://: as it is
     is_writer = jax.process_index() == 0
     total = config.total_steps
@@ -120,12 +113,11 @@ def train(
         keep_tokenizer(workdir, sources.tokenizer, writer=is_writer)
         t = config.model.text
         tokenizer = load_tokenizer(sources.tokenizer, t.context_length, pad_id=t.pad_id, eos_id=t.eos_id)
-        train_iter = make_train_iterator(config, sources=sources, tokenizer=tokenizer)
+        train_iter = make_train_iterator(config, sources=sources, tokenizer=tokenizer, keys=objective.inputs)
 
-        # --- model and optimizer -----------------------------------------------------------------
-        model = build_model(config.model, objective_cfg=config.objective)  # with the objective's params
-        tx = make_optimizer(config.optim, total)
-        shardings = state_shardings(model, tx, mesh, rules)
+        # --- model, optimizer, shardings and the train step: one jitted function of (state, batch),
+        # state donated; the same assembly launch/compile.py compiles for a pod ------------------------
+        run = assemble(config, mesh, objective=objective)
 
         # --- state: resume from this workdir, else init_from, else fresh ---------------------------
         ckpt = Checkpointer(
@@ -133,26 +125,20 @@ def train(
             keep=config.keep_checkpoints,
             async_save=config.async_checkpointing,
         )
-        state, start, streak = _initial_state(config, ckpt, model, tx, mesh, shardings, train_iter)
+        state, start, streak = _initial_state(config, ckpt, run, train_iter)
         if is_writer:  # the config this workdir now runs (after the resume checks passed)
             text = config.to_json_best_effort(indent=1, sort_keys=True)
             atomic_write_text(os.path.join(workdir, CONFIG_FILE), text)
         if start >= total:
             log.info("step %d >= total_steps=%d: nothing to train", start, total)
 
-        # --- the train step: one jitted function of (state, batch), state donated -------------------
-        train_step = make_train_step(
-            model, tx, mesh, shardings, grad_accum_steps=config.optim.grad_accum_steps, rules=rules,
-            learning_rate_fn=learning_rate_schedule(config.optim, total),
-            objective=make_objective(config.objective),
-        )  # fmt: skip
-
         # --- evaluation ----------------------------------------------------------------------------
-        evaluator = _make_evaluator(config, sources, model, mesh, shardings.params, tokenizer)
+        evaluator = _make_evaluator(config, sources, run, tokenizer)
 
         # --- the loop ------------------------------------------------------------------------------
         writer = MetricsWriter(workdir, enabled=is_writer, start_step=start)
-        monitor = _Monitor(config, writer, train_iter, start, streak, int(state.nonfinite_steps), is_writer)
+        monitor = _Monitor(config, writer, train_iter, start, streak, int(state.nonfinite_steps), is_writer,
+                           objective=objective)  # fmt: skip
         saved_step = start or None
         last_eval: dict[str, float] = {}
         pending: tuple[int, dict[str, jax.Array]] | None = None
@@ -161,7 +147,7 @@ def train(
         end = total if stop_after is None else min(total, start + stop_after)
         with Preemption() as preemption:
             for step in range(start + 1, end + 1):
-                state, metrics = train_step(state, global_batch(mesh, next(train_iter)))
+                state, metrics = run.step(state, global_batch(mesh, next(train_iter)))
                 ckpt.check()  # a background save that failed (a full disk) stops the run here
                 if pending is not None:
                     monitor.record(*pending, last_checkpoint=_describe(ckpt, saved_step))  # done, or nearly
@@ -213,17 +199,30 @@ def train(
 # --- the stages' helpers, in the order `train` uses them ------------------------------------------
 
 
-def _check_config(config: ml_collections.ConfigDict, devices: list[jax.Device]) -> None:
-    """Every check that needs no compute: the hardware's rule applied, fields, the devices, the mesh
-    and batch layout, init_from's sizes."""
-    apply_mesh_rules(config)
-    validate_config(config, num_devices=len(devices), process_count=jax.process_count())
+def _check_config(
+    config: ml_collections.ConfigDict | CheckedConfig, devices: list[jax.Device]
+) -> CheckedConfig:
+    """The config to train and its objective, after every check that needs no compute: the
+    hardware's rule applied, fields, the devices, the mesh and batch layout, init_from's sizes.
+
+    A CheckedConfig (the CLI's, checked before JAX started) is not checked again: only what needs
+    the devices runs. A plain config (a call from Python) gets every check.
+    """
+    num_devices, processes = len(devices), jax.process_count()
+    if isinstance(config, CheckedConfig):
+        checked = config
+        config = checked.verified()
+        validate_layout(config, num_devices, processes)
+    else:
+        checked = check_config(config, num_devices=num_devices, process_count=processes)
+        config = checked.config
     check_devices(config.hardware, devices)
     if config.init_from and is_hf_clip_dir(config.init_from):
         try:
             check_same_model(config.init_from, config.model)
         except ValueError as e:
             raise ConfigError(f"config.init_from: {e}") from None
+    return checked
 
 
 def _check_same_model(config: ml_collections.ConfigDict, meta: dict[str, Any], step: int) -> None:
@@ -239,19 +238,13 @@ def _check_same_model(config: ml_collections.ConfigDict, meta: dict[str, Any], s
 
 
 def _initial_state(
-    config: ml_collections.ConfigDict,
-    ckpt: Checkpointer,
-    model: CLIP,
-    tx: Any,
-    mesh: jax.sharding.Mesh,
-    shardings: TrainState,
-    train_iter: Any,
+    config: ml_collections.ConfigDict, ckpt: Checkpointer, run: Assembly, train_iter: Any
 ) -> tuple[TrainState, int, int]:
     """(state, start step, non-finite streak): the workdir's newest intact checkpoint, else
     init_from, else fresh. Restoring also moves `train_iter` to the checkpoint's position.
     """
     restored = ckpt.restore_latest(
-        abstract_train_state(model, tx, shardings),
+        run.abstract_state(),
         train_iter,
         check_meta=lambda meta, step: _check_same_model(config, meta, step),
     )
@@ -259,12 +252,11 @@ def _initial_state(
         state, meta, start = restored
         log.info("resumed from step %d (%s)", start, ckpt.step_dir(start))
         return state, start, int(meta.get("nonfinite_streak", 0))
-    rules = rules_from_config(config)
-    state = init_train_state(model, tx, mesh, jax.random.key(config.seed), rules).state
+    state = run.init_state(jax.random.key(config.seed))
     if config.init_from:
         # The towers (and temperature) come from init_from; the objective's own parameters start
         # fresh, since the source may have been trained with another objective (or none: HF).
-        placement = abstract_train_state(model, tx, shardings).params
+        placement = run.abstract_state().params
         towers = {k: v for k, v in placement.items() if k != OBJECTIVE_PARAMS}
         if is_hf_clip_dir(config.init_from):
             params = import_params(config.init_from, towers)
@@ -279,12 +271,7 @@ def _initial_state(
 
 
 def _make_evaluator(
-    config: ml_collections.ConfigDict,
-    sources: DataSources,
-    model: CLIP,
-    mesh: jax.sharding.Mesh,
-    param_shardings: Any,
-    tokenizer: Tokenizer | HFTokenizer,
+    config: ml_collections.ConfigDict, sources: DataSources, run: Assembly, tokenizer: Tokenizer | HFTokenizer
 ) -> Evaluator | None:
     """The evaluations of `config.evals` on the training mesh, or None (eval_every=0, or no entry to run).
 
@@ -294,7 +281,7 @@ def _make_evaluator(
         return None
     size = config.model.vision.image_size
     ctx = EvalContext(
-        Encoders(model, mesh, param_shardings, config.eval_batch_size, rules_from_config(config)),
+        Encoders(run.model, run.mesh, run.shardings.params, config.eval_batch_size, run.rules),
         tokenizer,
         EvalPreprocess(size, size),  # the evaluation transform that veclip_jax.load and export use
         demo_files=sources.eval_files if sources.is_demo else (),
@@ -384,10 +371,15 @@ class _Monitor:
         streak: int,
         nonfinite_total: int,
         is_writer: bool,
+        *,
+        objective: Objective,
     ):
         self.config, self.writer, self.train_iter = config, writer, train_iter
         self.start, self.streak, self.nonfinite_total = start, streak, nonfinite_total
         self.is_writer = is_writer
+        # Metrics logged as the window's last value (values of the state: the learning rate, the
+        # objective's temperature or bias), the others as its mean.
+        self.gauges = (*STEP_GAUGES, *objective.gauges)
         self.window: list[dict[str, float]] = []  # host metrics of the steps since the last log line
         self.timed = 0  # steps of the window that count for speed (the first step of a call compiles)
         self.run_start = self.window_start = time.perf_counter()
@@ -400,7 +392,7 @@ class _Monitor:
             self.window_start = time.perf_counter()
         else:
             self.timed += 1
-        if m["step_applied"] > 0:
+        if m[STEP_APPLIED] > 0:
             self.streak = 0
         else:
             self.streak += 1
@@ -419,13 +411,13 @@ class _Monitor:
     def log(self, step: int) -> None:
         """One metrics.jsonl line, TensorBoard point and console line for the window ending at `step`."""
         elapsed = time.perf_counter() - self.window_start
-        finite = [m for m in self.window if m["step_applied"] > 0] or self.window
+        finite = [m for m in self.window if m[STEP_APPLIED] > 0] or self.window
         step_time = elapsed / self.timed if self.timed else math.nan
         values: dict[str, float] = {}
         for name in self.window[-1]:
-            if name in _NOT_LOGGED:
+            if name == STEP_APPLIED:
                 continue
-            last = name in _LAST_VALUE
+            last = name in self.gauges
             values[name] = self.window[-1][name] if last else float(np.mean([m[name] for m in finite]))
         values |= {
             "images_per_sec": self.config.batch_size / step_time if self.timed else math.nan,

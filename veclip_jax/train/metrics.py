@@ -5,7 +5,8 @@ JSON object with "step" first; non-finite values are written as null (JSON
 has no NaN). On resume from step S, lines after S (written by the run that
 died after its last checkpoint) are dropped, and TensorBoard is told to purge
 events after S, so every step appears once, with the value of the run that
-the checkpoints continue.
+the checkpoints continue. Reading the files back: veclip_jax/run/workdir.py
+`read_jsonl`.
 
 TensorBoard events are written synchronously (tensorboardX's record writer,
 without its background thread): a few scalars per logged step cost nothing,
@@ -26,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from veclip_jax.fileio import append_text, as_path, atomic_write_text, is_local, json_safe
-from veclip_jax.workdir import EVAL_FILE, METRICS_FILE, TENSORBOARD_DIR
+from veclip_jax.run.workdir import EVAL_FILE, METRICS_FILE, TENSORBOARD_DIR
 
 
 def _truncate(path: str, last_step: int) -> None:
@@ -42,11 +43,6 @@ def _truncate(path: str, last_step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue  # a torn last line from a killed run
     atomic_write_text(path, "".join(keep))
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """The lines of a metrics or eval file."""
-    return [json.loads(line) for line in as_path(path).read_text().splitlines() if line.strip()]
 
 
 class _EventFile:

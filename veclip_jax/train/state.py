@@ -13,7 +13,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from veclip_jax.models.clip import CLIP, abstract_params, init_params, param_logical_specs
+from veclip_jax.objectives.model import ObjectiveModel, abstract_params, init_params, param_logical_specs
 from veclip_jax.parallel.mesh import replicated
 from veclip_jax.parallel.rules import DEFAULT_RULES, LogicalRules
 
@@ -37,7 +37,7 @@ class ShardedInit:
 
 
 def state_shardings(
-    model: CLIP, tx: optax.GradientTransformation, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
+    model: ObjectiveModel, tx: optax.GradientTransformation, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
 ) -> TrainState:
     """NamedShardings for every leaf of the train state, from the logical rules.
 
@@ -50,7 +50,7 @@ def state_shardings(
     opt_sh = optax.tree_map_params(
         tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: rep
     )
-    axes = model.objective_spec.state_axes()
+    axes = model.spec.state_axes()
     objective_sh = {k: nn.logical_to_mesh_sharding(P(*v), mesh, rules) for k, v in axes.items()}
     return TrainState(
         step=rep, params=param_sh, opt_state=opt_sh, nonfinite_steps=rep, objective_state=objective_sh
@@ -58,7 +58,7 @@ def state_shardings(
 
 
 def init_train_state(
-    model: CLIP,
+    model: ObjectiveModel,
     tx: optax.GradientTransformation,
     mesh: Mesh,
     rng: jax.Array,
@@ -72,7 +72,7 @@ def init_train_state(
     return ShardedInit(state=state, shardings=shardings)
 
 
-def _init_fn(model: CLIP, tx: optax.GradientTransformation):
+def _init_fn(model: ObjectiveModel, tx: optax.GradientTransformation):
     def init(rng: jax.Array) -> TrainState:
         params = nn.unbox(init_params(model, rng))
         zero = jnp.zeros((), jnp.int32)
@@ -81,13 +81,15 @@ def _init_fn(model: CLIP, tx: optax.GradientTransformation):
             params=params,
             opt_state=tx.init(params),
             nonfinite_steps=zero,
-            objective_state=model.objective_spec.init_state(jax.random.fold_in(rng, 1), model.dims),
+            objective_state=model.spec.init_state(jax.random.fold_in(rng, 1), model.dims),
         )
 
     return init
 
 
-def abstract_train_state(model: CLIP, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+def abstract_train_state(
+    model: ObjectiveModel, tx: optax.GradientTransformation, shardings: TrainState
+) -> TrainState:
     """The train state as ShapeDtypeStructs placed by `shardings`: a restore target, nothing allocated."""
     shapes = jax.eval_shape(_init_fn(model, tx), jax.random.key(0))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)

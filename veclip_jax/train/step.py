@@ -15,8 +15,9 @@ the large-batch update up to float round-off. Averaging micro-batch gradients
 (optax.MultiSteps) would not: each would see only its own negatives.
 
 The loss is the objective's (veclip_jax/objectives/base.py): the step
-differentiates `objective(model.train_outputs(batch), batch, state) -> (loss,
-metrics)` whatever it is, then advances the objective's state (DeCLIP's
+differentiates `objective(model.outputs(batch), batch, state) -> (loss,
+metrics)` whatever it is (the model is the towers composed with that one
+objective, veclip_jax/objectives/model.py), then advances the objective's state (DeCLIP's
 queue) from the same outputs, outside the gradient. The gradient cache serves
 objectives that read only the pooled embeddings and scalar parameters
 (`pooled_only`: CLIP, SigLIP); their scalars (the temperature, objective/...)
@@ -35,9 +36,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from veclip_jax.defaults import BATCH_AXES
-from veclip_jax.models.clip import CLIP
-from veclip_jax.objectives import OBJECTIVE_PARAMS, Objective, make_objective
+from veclip_jax.batch import FIELDS
+from veclip_jax.objectives.base import OBJECTIVE_PARAMS
+from veclip_jax.objectives.model import ObjectiveModel
+from veclip_jax.parallel.axes import BATCH_AXES
 from veclip_jax.parallel.mesh import batch_sharding, replicated
 from veclip_jax.parallel.rules import DEFAULT_RULES, LogicalRules
 from veclip_jax.train.state import TrainState
@@ -64,14 +66,10 @@ def _merge(y: jax.Array, mesh: Mesh) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-# The rank of every batch input an objective may read (data/pipeline.py makes them).
-BATCH_NDIM = {"image": 4, "views": 5, "tokens": 2, "tokens_eda": 2, "tokens_mlm": 2, "mlm_labels": 2}
-
-
-def batch_inputs(objective: Objective) -> tuple[str, ...]:
-    """The batch arrays the step takes for `objective`: tokens, the image (unless "no_image"), extras."""
-    keys = ["tokens"] if "no_image" in objective.batch_keys else ["image", "tokens"]
-    return tuple(keys + [k for k in objective.batch_keys if k in BATCH_NDIM and k not in keys])
+# Metrics of the step itself: "learning_rate" is a gauge (its value at the step, not a mean);
+# "step_applied" is bookkeeping for the loop (0 for a skipped non-finite step).
+STEP_GAUGES = ("learning_rate",)
+STEP_APPLIED = "step_applied"
 
 
 def _inputs(batch: Batch, keys: tuple[str, ...]) -> Batch:
@@ -82,7 +80,7 @@ def _inputs(batch: Batch, keys: tuple[str, ...]) -> Batch:
 
 
 def make_train_step(
-    model: CLIP,
+    model: ObjectiveModel,
     tx: optax.GradientTransformation,
     mesh: Mesh,
     state_shardings: TrainState,
@@ -90,43 +88,37 @@ def make_train_step(
     grad_accum_steps: int = 1,
     rules: LogicalRules = DEFAULT_RULES,
     learning_rate_fn: optax.Schedule | None = None,
-    objective: Objective | None = None,
 ) -> StepFn:
     """Compiles-on-first-call `train_step(state, batch) -> (state, metrics)`.
 
-    `batch` is {"image": [B, S, S, 3] float, "tokens": [B, L] int32} and the
-    extras the objective reads (`batch_inputs`: "views" [B, V, S, S, 3], ...),
-    global arrays sharded over data x fsdp; other keys are ignored. The state
+    `batch` holds the keys the model's objective reads (`model.spec.inputs`,
+    veclip_jax/batch.py: "image" [B, S, S, 3], "tokens" [B, L], "views"
+    [B, V, S, S, 3], ...), global arrays sharded over data x fsdp; other keys
+    are ignored. The state
     is donated: its buffers are reused for the new state. Metrics are
     replicated scalars. A non-finite loss or gradient leaves the parameters,
     optimizer state and objective state unchanged and counts the step in
-    `state.nonfinite_steps`. `objective` (default CLIP) gives the loss and
-    metrics; the model must be built for it (`build_model(...,
-    objective_cfg=...)`: its heads and what train_outputs computes).
+    `state.nonfinite_steps`. The model's objective (`model.spec`) gives the
+    loss and metrics.
     """
     k = grad_accum_steps
     if k < 1:
         raise ValueError(f"config.optim.grad_accum_steps={k} must be >= 1")
-    objective = make_objective(None) if objective is None else objective
+    objective = model.spec
     if k > 1 and not objective.pooled_only:
         raise ValueError(
             f"config.optim.grad_accum_steps={k}: objective {objective.name!r} does not support exact "
             "gradient accumulation (it needs more than pooled embeddings); use 1"
         )
-    if objective != model.objective_spec:
-        raise ValueError(
-            f"objective {objective} but the model was built for {model.objective_spec}: build it with "
-            "build_model(..., objective_cfg=config.objective)"
-        )
-    scale_max = model.logit_scale_max
-    batch_keys = batch_inputs(objective)
+    scale_max = model.towers.logit_scale_max
+    batch_keys = objective.inputs
 
     def apply(params: Any, images: jax.Array, tokens: jax.Array) -> dict[str, Any]:
         return model.apply({"params": params}, images, tokens)
 
     def grads_full_batch(params: Any, batch: Batch, obj_state: Any) -> tuple[Any, dict[str, jax.Array], Any]:
         def loss_fn(p: Any) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
-            outputs = model.apply({"params": p}, batch, method=CLIP.train_outputs)
+            outputs = model.apply({"params": p}, batch, method=ObjectiveModel.outputs)
             loss, metrics = objective(outputs, batch, mesh=mesh, state=obj_state)
             return loss, (metrics, outputs)
 
@@ -145,7 +137,7 @@ def make_train_step(
         img, txt = _merge(img_m, mesh), _merge(txt_m, mesh)
 
         # The objective's scalars: the model's temperature and its own parameters, as the model
-        # outputs them (models/clip.py), so their gradient comes with the embeddings'.
+        # outputs them (objectives/model.py), so their gradient comes with the embeddings'.
         own = params.get(OBJECTIVE_PARAMS, {})
 
         def loss_from_embeds(img, txt, raw_scale, own):
@@ -189,13 +181,13 @@ def make_train_step(
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
             objective_state=keep(obj_state, state.objective_state),
         )
-        metrics = dict(metrics, grad_norm=grad_norm, step_applied=finite.astype(jnp.float32))
+        metrics = dict(metrics, grad_norm=grad_norm, **{STEP_APPLIED: finite.astype(jnp.float32)})
         if learning_rate_fn is not None:
             metrics["learning_rate"] = learning_rate_fn(state.step)
         return new_state, metrics
 
     rep = replicated(mesh)
-    in_batch = {k: batch_sharding(mesh, BATCH_NDIM[k]) for k in batch_keys}
+    in_batch = {k: batch_sharding(mesh, FIELDS[k].ndim) for k in batch_keys}
     jitted = jax.jit(
         train_step,
         in_shardings=(state_shardings, in_batch),

@@ -2,15 +2,18 @@
 
 A row holds the image itself (bytes; a HuggingFace Image struct {"bytes", "path"}) or a path to it,
 captions, and optionally a key and a URL, in columns named like a CSV table's (TableColumns).
-Read in record batches, so a file larger than memory streams.
+Read in record batches, so a file larger than memory streams. Caption cells
+follow readers/cells.py's rule for the converter (`iter_parquet_rows`) and the
+trainer's streamed reader (`row_fields`) alike.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+from veclip_jax.data.readers.cells import caption_text
 from veclip_jax.data.readers.table import Row, TableColumns
 
 # img2dataset writes the image to a column named after its format; HF datasets use "image".
@@ -30,13 +33,36 @@ def _image_cell(value: Any, image_root: str) -> tuple[str, bytes | None]:
     return "", None
 
 
+def row_fields(
+    row: Mapping[str, Any], *, image_field: str, alt_text_field: str, vecap_text_field: str
+) -> tuple[Any, str | None, str | None] | str:
+    """(image, alt, vecap) of one streamed row ({column: value}), or "bad_caption" (data/skips.py).
+
+    `image_field` "" takes the first of IMAGE_COLUMNS present; a HuggingFace
+    Image struct gives its bytes. A caption field "none" reads no caption.
+    """
+    if image_field:
+        image = row.get(image_field)
+    else:
+        image = next((row[c] for c in IMAGE_COLUMNS if c in row), None)
+    if isinstance(image, dict):  # HuggingFace datasets' Image feature: {"bytes": ..., "path": ...}
+        image = image.get("bytes")
+    try:
+        alt = None if alt_text_field == "none" else caption_text(row.get(alt_text_field))
+        vecap = None if vecap_text_field == "none" else caption_text(row.get(vecap_text_field))
+    except ValueError:
+        return "bad_caption"
+    return image, alt, vecap
+
+
 def iter_parquet_rows(path: str, columns: TableColumns, image_root: str) -> Iterator[Row | str]:
-    """The rows of one Parquet file as table Rows (image bytes inline), or "unreadable_input" and stop.
+    """The rows of one Parquet file as table Rows (image bytes inline) or skip reasons (data/skips.py).
 
     The image column is `columns.image` if the file has it, else the first of IMAGE_COLUMNS; the
     AltText column `columns.alt_text`, else "caption" (img2dataset). The key
-    is the key column's value, else FILE-STEM/ROW. A file that cannot be opened or is damaged
-    part-way yields its rows up to the damage, then "unreadable_input".
+    is the key column's value, else FILE-STEM/ROW. A row whose caption cell is not UTF-8 text
+    yields "bad_caption". A file that cannot be opened or is damaged part-way yields its rows up
+    to the damage, then "unreadable_file".
     """
     import pyarrow.parquet as pq
 
@@ -59,19 +85,28 @@ def iter_parquet_rows(path: str, columns: TableColumns, image_root: str) -> Iter
             for cells in batch.to_pylist():
                 img_path, img_bytes = _image_cell(cells.get(image) if image else None, image_root)
 
-                def text(field: str, cells: dict = cells) -> str | None:
-                    value = cells.get(wanted.get(field)) if wanted.get(field) else None
+                def cell(field: str, cells: dict = cells) -> Any:
+                    return cells.get(wanted.get(field)) if wanted.get(field) else None
+
+                def text(field: str) -> str | None:
+                    value = cell(field)
                     return value if isinstance(value, str) else None
 
+                key = (text("key") or "").strip() or f"{stem}/{r}"
+                r += 1
+                try:
+                    alt, vecap = caption_text(cell("alt_text")), caption_text(cell("vecap_text"))
+                except ValueError:
+                    yield "bad_caption"
+                    continue
                 yield Row(
-                    key=(text("key") or "").strip() or f"{stem}/{r}",
+                    key=key,
                     image=img_path,
-                    alt_text=text("alt_text"),
-                    vecap_text=text("vecap_text"),
+                    alt_text=alt,
+                    vecap_text=vecap,
                     url=(text("url") or "").strip() or None,
                     image_bytes=img_bytes,
                 )
-                r += 1
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError; missing files OSError
         del e
-        yield "unreadable_input"
+        yield "unreadable_file"

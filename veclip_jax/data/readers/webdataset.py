@@ -2,14 +2,21 @@
 
 The members of one sample are consecutive in the tar (the webdataset
 convention); a tar is streamed once, front to back, so it may be a pipe or a
-file on a slow disk.
+file on a slow disk. `iter_tar_samples` reads the members, `sample_fields`
+makes of them an image, captions and a URL, or the reason the sample is
+unusable: the converter and the trainer's streamed reader both call it, so
+the same tar gives the same samples whichever reads it.
 """
 
 from __future__ import annotations
 
+import json
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+from veclip_jax.data.readers.cells import caption_text
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _MEMBER_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + ("txt", "json"))
@@ -27,18 +34,18 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]] | str]:
 
     Only the image (IMAGE_EXTENSIONS), .txt and .json members are read; the
     first member of each extension wins. A tar that cannot be opened yields
-    "missing_input" (not found, no permission, a directory) or
-    "unreadable_input" (not a tar) and nothing else; a tar damaged part-way
-    yields its samples up to the damage, then "unreadable_input" (the sample
-    being read then is dropped: it may be incomplete).
+    "missing_file" (not found, no permission, a directory) or
+    "unreadable_file" (not a tar) and nothing else; a tar damaged part-way
+    yields its samples up to the damage, then "unreadable_file" (the sample
+    being read then is dropped: it may be incomplete). Reasons: data/skips.py.
     """
     try:
         tar = tarfile.open(path, mode="r|*")  # a stream: tars are read once, front to back
     except (FileNotFoundError, PermissionError, IsADirectoryError):
-        yield "missing_input"
+        yield "missing_file"
         return
     except (tarfile.TarError, OSError, EOFError, zlib.error):
-        yield "unreadable_input"
+        yield "unreadable_file"
         return
     key, members = None, {}
     try:
@@ -55,7 +62,69 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]] | str]:
                     members[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error):
         # The sample being read when the damage showed is incomplete: dropped with the rest.
-        yield "unreadable_input"
+        yield "unreadable_file"
         return
     if key is not None:
         yield key, members
+
+
+class TarSample(NamedTuple):
+    """One tar sample: the image bytes (None: no image member), its captions as written, its URL."""
+
+    image: bytes | None
+    alt_text: str | None
+    vecap_text: str | None
+    url: str | None
+
+
+def sample_fields(
+    members: Mapping[str, bytes],
+    *,
+    image_field: str = "",
+    alt_text_field: str = "txt",
+    vecap_text_field: str = "none",
+) -> TarSample | str:
+    """The image, captions and URL of one tar sample, or the reason it is unusable (data/skips.py).
+
+    Checks, in this order: "bad_record" (a .json member that is not a JSON
+    object), "not_success" (its "status" is there and not "success": a failed
+    img2dataset download), "bad_caption" (a caption that is not UTF-8 text).
+    A caption field names a member ("txt") or a key of the .json
+    ("json:caption"); "none" reads no caption. An AltText field "txt" without a
+    .txt member reads the .json "caption" (img2dataset writes the caption to
+    both). `image_field` "" takes the first of IMAGE_EXTENSIONS present.
+    Captions are as written: cleaning, and the empty-caption and missing-image
+    checks that follow, are the caller's.
+    """
+    meta: dict[str, Any] = {}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except ValueError:  # also UnicodeDecodeError
+            return "bad_record"
+        if not isinstance(meta, dict):
+            return "bad_record"
+    status = meta.get("status")
+    if status is not None and status != "success":
+        return "not_success"
+
+    def field(name: str) -> str | None:
+        if name == "none":
+            return None
+        if name.startswith("json:"):
+            return caption_text(meta.get(name[5:]))
+        return caption_text(members.get(name))
+
+    try:
+        alt = field(alt_text_field)
+        if alt is None and alt_text_field == "txt" and "txt" not in members:
+            alt = field("json:caption")
+        vecap = field(vecap_text_field)
+    except ValueError:
+        return "bad_caption"
+    if image_field:
+        image = members.get(image_field)
+    else:
+        image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+    url = meta.get("url")
+    return TarSample(image, alt, vecap, url if isinstance(url, str) else None)

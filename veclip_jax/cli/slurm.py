@@ -24,7 +24,7 @@ from pathlib import Path
 from veclip_jax.errors import UserError
 from veclip_jax.parallel.hardware import parse_hardware
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout: veclip_jax/cli/slurm.py -> .
 
 
 def hardware_name(nodes: int, gpus_per_node: int, gpu: str = "h100") -> str:
@@ -123,9 +123,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    """Console script `veclip-slurm`."""
+    """The console script `veclip-slurm` (and `python launch/slurm.py`)."""
     sys.exit(main())
-
-
-if __name__ == "__main__":
-    run()

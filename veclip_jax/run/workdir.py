@@ -1,7 +1,8 @@
-"""The layout of a training workdir: the one place that names its files.
+"""The layout of a training workdir: the one place that names its files, and reads paths into it.
 
   WORKDIR/
-    checkpoints/STEP/   Orbax checkpoints (veclip_jax/train/checkpoint.py)
+    checkpoints/STEP/   Orbax checkpoints (written by veclip_jax/train/checkpoint.py, read by
+                        veclip_jax/run/checkpoint.py)
     checkpoints-damaged/STEP-TIME/  checkpoints that failed to restore, set aside
     .lock               held by the running trainer (host, pid)
     config.json         the config the run last ran with
@@ -11,10 +12,13 @@
     tensorboard/        event files
 
 A workdir is self-contained: export and `veclip_jax.load` need nothing else.
+Every tool takes a run as a workdir, its checkpoints directory or one step's
+directory: `run_path` is the one reading of such a path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import filecmp
 import json
@@ -23,10 +27,10 @@ import os
 import shutil
 import socket
 import time
+from typing import Any
 
-from veclip_jax.config import ConfigError
-from veclip_jax.errors import WorkdirBusyError
-from veclip_jax.fileio import as_path, atomic_write_bytes, is_local
+from veclip_jax.errors import ConfigError, WorkdirBusyError
+from veclip_jax.fileio import as_path, atomic_write_bytes, is_local, normalize
 
 CHECKPOINTS = "checkpoints"
 DAMAGED_CHECKPOINTS = "checkpoints-damaged"  # damaged checkpoints, set aside (never deleted)
@@ -37,19 +41,65 @@ METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 LOCK_FILE = ".lock"
+STEP_PARAMS = "params"  # the item every checkpoint step holds (what marks a step's directory)
 
 
-def find_tokenizer(checkpoint_dir: str) -> str:
-    """The tokenizer a run kept in its workdir, found from a workdir, checkpoints or step directory."""
-    d = os.path.abspath(checkpoint_dir)
-    for _ in range(3):  # workdir, checkpoints/, checkpoints/STEP/: up to two levels above
-        for name in (TOKENIZER_FILE, TOKENIZER_DIR):
-            if os.path.exists(os.path.join(d, name)):
-                return os.path.join(d, name)
-        d = os.path.dirname(d)
+@dataclasses.dataclass(frozen=True)
+class RunPath:
+    """A path to a run, read (`run_path`): where its workdir, checkpoints and step are."""
+
+    workdir: str | None  # the training workdir; None for a checkpoints directory outside the layout
+    checkpoints: str  # the checkpoints directory (an Orbax CheckpointManager's)
+    step: int | None  # named by the path or asked for; None: not chosen (the reader takes the newest)
+    step_dir: str | None  # checkpoints/STEP when `step` is known
+
+
+def run_path(path: str, step: int | None = None) -> RunPath:
+    """Reads a workdir, its checkpoints directory or one step's directory (local or gs://).
+
+    A workdir is a directory holding `checkpoints/`; a step's directory is a
+    numbered one holding the `params` item; anything else is taken as a
+    checkpoints directory, inside a workdir when it is named `checkpoints`.
+    Raises FileNotFoundError when nothing is at `path`, ValueError when `path`
+    is a step's directory and `step` names another. Whether a step exists and
+    which is the newest is the checkpoint reader's to say (it lists them).
+    """
+    path = normalize(path)
+    if not as_path(path).is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    base = os.path.basename(path)
+    if (as_path(path) / CHECKPOINTS).is_dir():
+        workdir, checkpoints = path, os.path.join(path, CHECKPOINTS)
+    elif base.isdigit() and (as_path(path) / STEP_PARAMS).is_dir():
+        if step is not None and step != int(base):
+            raise ValueError(f"{path} is the checkpoint of step {base}, not {step}")
+        checkpoints, step = os.path.dirname(path), int(base)
+        workdir = os.path.dirname(checkpoints) if os.path.basename(checkpoints) == CHECKPOINTS else None
+    else:
+        checkpoints = path
+        workdir = os.path.dirname(path) if base == CHECKPOINTS else None
+    step_dir = None if step is None else os.path.join(checkpoints, str(step))
+    return RunPath(workdir, checkpoints, step, step_dir)
+
+
+def find_tokenizer(path: str) -> str:
+    """The tokenizer a run kept in its workdir, found from a workdir, checkpoints or step directory.
+
+    A directory outside the layout (a workdir before its first checkpoint) is searched itself.
+    """
+    run = run_path(path)
+    where = run.workdir or run.checkpoints
+    for name in (TOKENIZER_FILE, TOKENIZER_DIR):
+        if (as_path(where) / name).exists():
+            return os.path.join(where, name)
     raise FileNotFoundError(
-        f"no tokenizer ({TOKENIZER_FILE} or {TOKENIZER_DIR}/) next to {checkpoint_dir}: pass tokenizer=PATH"
+        f"no tokenizer ({TOKENIZER_FILE} or {TOKENIZER_DIR}/) next to {path}: pass tokenizer=PATH"
     )
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The lines of a metrics or eval file (local or gs://)."""
+    return [json.loads(line) for line in as_path(path).read_text().splitlines() if line.strip()]
 
 
 def keep_tokenizer(workdir: str, tokenizer_path: str, *, writer: bool) -> str:

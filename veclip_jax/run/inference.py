@@ -1,27 +1,35 @@
-"""Jitted image and text encoders for parameters on a mesh: numpy in, L2-normalised numpy out.
+"""Inference on a mesh: jitted image and text encoders, numpy in, L2-normalised numpy out.
 
-Used by evaluation during training (parameters as the train state holds them,
-sharded) and by `veclip_jax.load` (one device). Inputs are cut into batches of
-a fixed size (the last one padded), so each encoder compiles once. Every
-process passes the same full inputs and gets the full outputs (multi-host safe:
-each device takes its rows of the global batch from the host copy).
+The run layer's model side: `veclip_jax.load` (one device), evaluation
+during training (parameters as the train state holds them, sharded) and
+standalone evaluation (veclip_jax/eval/) all encode through `Encoders`.
+Inputs are cut into batches of a fixed size (the last one padded), so each
+encoder compiles once. Every process passes the same full inputs and gets the
+full outputs (multi-host safe: each device takes its rows of the global batch
+from the host copy).
 
 `image_batch` is the streaming form (veclip_jax/eval/embed.py): each process
 passes only its own rows, with an int32 tag per row (its example index and
 label), and every process gets the whole global batch's embeddings and tags,
 so no process has to read or decode another's images.
 
-Token-wise mode (`scoring` "tokenwise", the default for a FILIP model: see
-veclip_jax/eval/tokenwise.py): `text_token_batches` / `text_tokens` give the
-texts' tokens in the objective's token space with their validity,
-`image_token_batch` the images' patch tokens, and `zeroshot_batch` encodes a
-batch of images and scores it against class token sets on the devices (the
-image tokens never come back to the host). The pooled encoders stay
-available in either mode (linear probes, `veclip_jax.load`).
+Token-wise mode (`scoring` TOKENWISE, the default for a FILIP model;
+`scoring_for`): `text_token_batches` / `text_tokens` give the texts' tokens
+in the objective's token space with their validity, `image_token_batch` the
+images' patch tokens, and `zeroshot_batch` encodes a batch of images and
+scores it against class token sets on the devices (the image tokens never
+come back to the host). The pooled encoders stay available in either mode
+(linear probes, `veclip_jax.load`). The late-interaction score and its
+sharded, chunked form are here because the devices compute them; how
+evaluation uses them (class token sets, retrieval, the memory bounds) is
+veclip_jax/eval/tokenwise.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,25 +37,102 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from veclip_jax.data.image_ops import normalize
-from veclip_jax.eval.tokenwise import (
-    POOLED,
-    SCORE_BLOCK,
-    TOKENWISE,
-    Keys,
-    batch_shards,
-    key_chunk,
-    pad_rows,
-    put,
-    scoring_for,
-    sharded_late_interaction,
-    text_validity,
-)
-from veclip_jax.models.clip import CLIP
+from veclip_jax.objectives.model import ObjectiveModel
+from veclip_jax.parallel.axes import BATCH_AXES
 from veclip_jax.parallel.mesh import batch_sharding, replicated
 from veclip_jax.parallel.rules import DEFAULT_RULES, LogicalRules
+
+POOLED, TOKENWISE = "pooled", "tokenwise"
+# Objectives (config.objective.name) evaluated token-wise. DeFILIP trains its pooled embeddings
+# (DeCLIP's terms) and is evaluated pooled, as the toolkit does.
+TOKENWISE_OBJECTIVES = frozenset({"filip"})
+
+# The most score entries ([queries, keys, N_q, N_k] float32) one device forms at once: 128 MiB.
+SCORE_BLOCK = 1 << 25
+
+
+def scoring_for(objective: Any) -> str:
+    """POOLED or TOKENWISE for an objective (an Objective, or its config.objective.name)."""
+    name = objective if isinstance(objective, str) else getattr(objective, "name", "clip")
+    return TOKENWISE if name in TOKENWISE_OBJECTIVES else POOLED
+
+
+def text_validity(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+    """bool [n, L]: each row's positions through its first end-of-text token (models/clip.py's rule)."""
+    tokens = np.asarray(tokens)
+    eot = np.argmax(tokens == eos_id, axis=-1)
+    return np.arange(tokens.shape[1])[None, :] <= eot[:, None]
+
+
+def late_interaction(q: jax.Array, q_valid: jax.Array, k: jax.Array, k_valid: jax.Array) -> jax.Array:
+    """[a, c]: for query a and key c, the mean over a's valid tokens of the max over c's valid tokens
+    of the token cosines (q [a, Nq, D], k [c, Nk, D], unit norm per token; validity [a, Nq], [c, Nk]).
+
+    A key without a valid token scores -inf (padding rows); a query without one scores 0.
+    """
+    s = jnp.einsum("and,cmd->acnm", q, k, precision=jax.lax.Precision.HIGHEST)
+    best = jnp.max(jnp.where(k_valid[None, :, None, :], s, -jnp.inf), axis=-1)  # [a, c, Nq]
+    total = jnp.sum(jnp.where(q_valid[:, None, :], best, 0.0), axis=-1)
+    return total / jnp.maximum(jnp.sum(q_valid, axis=-1), 1).astype(jnp.float32)[:, None]
+
+
+def key_chunk(queries: int, query_tokens: int, key_tokens: int, keys: int, budget: int = SCORE_BLOCK) -> int:
+    """Keys per chunk so that [queries, chunk, query_tokens, key_tokens] stays within `budget` floats."""
+    return max(1, min(max(keys, 1), budget // max(1, queries * query_tokens * key_tokens)))
+
+
+def _chunked(q: jax.Array, qv: jax.Array, k: jax.Array, kv: jax.Array, *, chunk: int) -> jax.Array:
+    """late_interaction over the keys `chunk` at a time (k's rows a multiple of chunk): [a, c]."""
+    n = k.shape[0] // chunk
+    blocks = (k.reshape(n, chunk, *k.shape[1:]), kv.reshape(n, chunk, kv.shape[1]))
+    out = jax.lax.map(lambda b: late_interaction(q, qv, *b), blocks)  # [n, a, chunk]
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n * chunk)
+
+
+def sharded_late_interaction(
+    mesh: Mesh, q: jax.Array, qv: jax.Array, k: jax.Array, kv: jax.Array, *, shard: str, chunk: int
+) -> jax.Array:
+    """late_interaction [a, c] on a mesh (inside jit): `shard` "queries" splits the queries over the
+    batch axes (the keys replicated), "keys" the keys (each device's share a multiple of `chunk`)."""
+    whole, split = P(), P(BATCH_AXES)
+    if shard == "queries":
+        specs, out = (split, split, whole, whole), P(BATCH_AXES, None)
+    elif shard == "keys":
+        specs, out = (whole, whole, split, split), P(None, BATCH_AXES)
+    else:
+        raise ValueError(f"shard={shard!r}: 'queries' or 'keys'")
+    fn = functools.partial(_chunked, chunk=chunk)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out)(q, qv, k, kv)
+
+
+def batch_shards(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+    """x with zero rows appended up to n rows."""
+    if len(x) >= n:
+        return x
+    return np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)])
+
+
+def put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array (the same on every process) as a global array: each device takes its slice."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+@dataclasses.dataclass
+class Keys:
+    """A token set on the devices: tokens [rows, N, D], validity [rows, N] (rows padded), `count` real."""
+
+    tokens: jax.Array
+    valid: jax.Array
+    count: int
+    chunk: int  # keys per score chunk (per device)
 
 
 class Encoders:
@@ -55,7 +140,7 @@ class Encoders:
 
     def __init__(
         self,
-        model: CLIP,
+        model: ObjectiveModel,
         mesh: Mesh,
         param_shardings: Any,
         batch_size: int,
@@ -67,16 +152,16 @@ class Encoders:
             raise ValueError(f"encoder batch size {batch_size} does not divide over {shards} batch shards")
         self.model, self.mesh, self.rules, self.batch_size = model, mesh, rules, batch_size
         # How tasks score zero-shot classification and retrieval: from the model's objective by default.
-        self.scoring = scoring or scoring_for(model.objective_spec)
+        self.scoring = scoring or scoring_for(model.spec)
         if self.scoring not in (POOLED, TOKENWISE):
             raise ValueError(f"scoring={self.scoring!r}: use {POOLED!r} or {TOKENWISE!r}")
         self.param_shardings = param_shardings
 
         def encode_image(params: Any, images: jax.Array) -> jax.Array:
-            return model.apply({"params": params}, images, method=CLIP.encode_image)
+            return model.apply({"params": params}, images, method=ObjectiveModel.encode_image)
 
         def encode_text(params: Any, tokens: jax.Array) -> jax.Array:
-            return model.apply({"params": params}, tokens, method=CLIP.encode_text)
+            return model.apply({"params": params}, tokens, method=ObjectiveModel.encode_text)
 
         def encode_tagged(params: Any, images: jax.Array, tags: jax.Array) -> tuple[jax.Array, jax.Array]:
             return encode_image(params, images), tags
@@ -98,10 +183,10 @@ class Encoders:
         def image_tokens_tagged(
             params: Any, images: jax.Array, tags: jax.Array
         ) -> tuple[jax.Array, jax.Array]:
-            return model.apply({"params": params}, images, method=CLIP.encode_image_tokens), tags
+            return model.apply({"params": params}, images, method=ObjectiveModel.encode_image_tokens), tags
 
         def text_tokens(params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-            return model.apply({"params": params}, tokens, method=CLIP.encode_text_tokens)
+            return model.apply({"params": params}, tokens, method=ObjectiveModel.encode_text_tokens)
 
         self._image_tokens = jax.jit(
             image_tokens_tagged,
@@ -129,7 +214,7 @@ class Encoders:
                 if progress is not None:
                     progress(len(outs[-1]))
         if not outs:
-            return np.zeros((0, self.model.embed_dim), np.float32)
+            return np.zeros((0, self.model.towers.embed_dim), np.float32)
         return np.concatenate(outs)
 
     def images(self, params: Any, images: np.ndarray) -> np.ndarray:
@@ -181,10 +266,10 @@ class Encoders:
     @property
     def token_shape(self) -> tuple[int, int]:
         """(patch tokens per image N, token dimension D_tok) of the token-wise encoders."""
-        dim = getattr(self.model.objective_spec, "token_dim", None)
+        dim = getattr(self.model.spec, "token_dim", None)
         if dim is None:
-            raise ValueError(f"objective {self.model.objective_spec.name!r} has no token space")
-        return (self.model.image_size // self.model.patch_size) ** 2, int(dim)
+            raise ValueError(f"objective {self.model.spec.name!r} has no token space")
+        return (self.model.towers.image_size // self.model.towers.patch_size) ** 2, int(dim)
 
     def image_token_batch(
         self, params: Any, images: np.ndarray, tags: np.ndarray
@@ -201,7 +286,7 @@ class Encoders:
         are padding in every row); padding positions are zero vectors.
         """
         tokens = np.asarray(tokens, np.int32)
-        length = int(text_validity(tokens, self.model.eos_id).sum(axis=1).max(initial=1))
+        length = int(text_validity(tokens, self.model.towers.eos_id).sum(axis=1).max(initial=1))
         n, b, sharding = len(tokens), self.batch_size, batch_sharding(self.mesh, 2)
         for start in range(0, n, b):
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
@@ -240,7 +325,7 @@ class Encoders:
 
             def encode_and_score(params: Any, images: jax.Array, tags: jax.Array, cls: jax.Array,
                                  cls_valid: jax.Array) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-                tok = model.apply({"params": params}, images, method=CLIP.encode_image_tokens)
+                tok = model.apply({"params": params}, images, method=ObjectiveModel.encode_image_tokens)
                 every = jnp.ones(tok.shape[:2], bool)
                 return sharded_late_interaction(
                     mesh, tok, every, cls, cls_valid, shard="queries", chunk=classes.chunk

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import shlex
 import subprocess
@@ -46,7 +45,7 @@ WAITING_STATES = frozenset(
 )
 NOT_FOUND = "NOT_FOUND"
 SSH_LOST = 255  # ssh's own exit code: the connection failed or dropped (a VM going down)
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout: veclip_jax/cli/tpu.py -> .
 # Packages of requirements.txt that a TPU VM must not install: torch (export checks only) pulls CUDA.
 _SKIP_ON_TPU = ("torch",)
 
@@ -170,7 +169,7 @@ def startup_script(job: Job) -> str:
         f'pip install -q "jax[tpu]=={jax_version}"',
         *(["pip install -q gcsfs  # etils.epath writes gs:// through fsspec: not in requirements.txt"]
           if job.workdir.startswith("gs://") else []),  # fmt: skip
-        f"python -m veclip_jax.launch_tpu check-devices --hardware={job.hardware}",
+        f"python launch/tpu.py check-devices --hardware={job.hardware}",
         "mkdir -p ~/veclip-logs",
         f"{shlex.join(trainer_command(job))} 2>&1 | tee -a {job.log_file}",
     ]
@@ -378,10 +377,5 @@ def main(argv: Sequence[str] | None = None, sleep: Callable[[float], None] = tim
 
 
 def run() -> None:
-    """Console script `veclip-tpu`."""
+    """The console script `veclip-tpu` (and `python launch/tpu.py`)."""
     sys.exit(main())
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    run()

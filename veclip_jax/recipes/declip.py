@@ -46,13 +46,11 @@ code path with the tiny towers on the demo data, a few steps, on the CPU.
 
 from __future__ import annotations
 
-import math
-
 import ml_collections
 
 from veclip_jax import defaults
 from veclip_jax.eval import registry
-from veclip_jax.recipes import local_base, mesh_rules
+from veclip_jax.recipes.veclip import local_base, mesh_rules
 
 BATCH_SIZE = 4_096
 TOTAL_STEPS = 128_001
@@ -143,9 +141,3 @@ def local_variant(objective: str) -> ml_collections.ConfigDict:
     c.data.vecap_prob = 0.0
     c.data.crop_scale = (0.5, 1.0)
     return c
-
-
-def reported_imagenet(objective: str) -> float | None:
-    """The toolkit's reported ImageNet zero-shot top-1 (%) for `objective`, or None when there is none."""
-    value = RECIPES[objective][2]
-    return None if value is None or math.isnan(value) else value
