@@ -158,6 +158,14 @@ def test_streamed_resume_with_another_worker_count_is_refused_naming_the_field(c
         _take(c, 1, state)
 
 
+def test_resuming_after_the_data_changed_format_names_the_change_not_damage(corpus):
+    # ArrayRecord -> tar and back: the saved position is the other format's (issue 22, #8).
+    for saved_from, resumed_with, then in (("a", "tar", "ArrayRecord-only"), ("tar", "a", "streamed")):
+        _, state, _ = _take(_config(corpus, corpus[saved_from]), 1)
+        with pytest.raises(InputStateError, match=rf"saved for {then}.*changed format"):
+            _take(_config(corpus, corpus[resumed_with]), 1, state)
+
+
 # --- mixtures --------------------------------------------------------------------------------------
 
 

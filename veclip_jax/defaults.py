@@ -146,6 +146,9 @@ def _run() -> dict:
         total_steps=200,  # optimizer steps (batches) of the whole run, resumes included
         log_every=10,  # a metrics.jsonl line, TensorBoard point and console line every N steps
         eval_every=100,  # run config.evals every N steps (an entry may set its own) and at the end; 0 = never
+        # An evaluation that fails (an undecodable image, a full disk) is logged and counted
+        # (eval_failures), and training goes on; True stops the run instead (after the step's save).
+        stop_on_eval_error=False,
         checkpoint_every=100,  # save every N steps; the last step and SIGTERM always save; 0 = only those
         keep_checkpoints=3,  # the newest N checkpoints are kept
         async_checkpointing=True,  # write checkpoints in the background while training goes on

@@ -86,7 +86,7 @@ def main(argv: list[str]) -> None:
     from veclip_jax.data.skip_and_batch import TooManyBadRecordsError
     from veclip_jax.eval.report import print_eval_table
     from veclip_jax.train.checkpoint import CheckpointSaveError
-    from veclip_jax.train.loop import NonFiniteTrainingError, train
+    from veclip_jax.train.loop import EvaluationError, NonFiniteTrainingError, train
 
     try:
         result = train(config, _WORKDIR.value)
@@ -94,14 +94,14 @@ def main(argv: list[str]) -> None:
         _fail(str(e), 2)
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         _fail(str(e), 2)  # a path of the config's (data shards, tokenizer, init_from)
-    except (NonFiniteTrainingError, CheckpointSaveError, TooManyBadRecordsError) as e:
+    except (NonFiniteTrainingError, CheckpointSaveError, TooManyBadRecordsError, EvaluationError) as e:
         _fail(str(e), 1)  # the run stopped; its last checkpoint is intact
     except OSError as e:  # the machine's, not ours: a full disk while logging, a lost mount
         _fail(f"{type(e).__name__}: {e}", 1)
     if jax.process_index() == 0:
         if result.preempted:
-            print(f"stopped at step {result.step}: checkpoint saved to {result.checkpoint}; "
-                  "rerun the same command to resume")  # fmt: skip
+            saved = f"checkpoint at {result.checkpoint}" if result.checkpoint else "nothing trained yet"
+            print(f"stopped at step {result.step} ({saved}); rerun the same command to resume")
         print_eval_table([_WORKDIR.value])
 
 

@@ -213,6 +213,15 @@ class TrainIterator(grain.DatasetIterator):
                 f"{STATE_VERSION}); start the run in a new workdir, or resume with the version that saved it"
             )
         saved = state["layout"]
+        if ("pipeline" in state) == self._positional:  # a streamed state has grain's pipeline state
+            formats = ("streamed (tar, Parquet)", "ArrayRecord-only")
+            then, now = formats if self._positional else formats[::-1]
+            raise InputStateError(
+                f"the input position was saved for {then} sources and this run reads {now} ones: "
+                "config.data.train_files (or data.sources) changed format since the checkpoint. Resume "
+                "with the data it was saved with, or start a new workdir (config.init_from can start "
+                "from this one)"
+            )
         if saved["process_count"] != self._layout["process_count"]:
             raise InputStateError(
                 f"the input position was saved by {saved['process_count']} processes; this run has "

@@ -1,8 +1,10 @@
 """The training loop: `train(config, workdir)`, one function read top to bottom.
 
-  config check -> mesh -> input -> model & optimizer -> state (resumed, init_from
-  or fresh) -> train step -> evaluator -> loop (step, log, evaluate, checkpoint,
-  preemption) -> last checkpoint and evaluation
+  config check (once; it makes the run's objective) -> mesh -> input (the
+  objective's batch keys) -> assembly (model, optimizer, shardings and the
+  jitted step: train/assembly.py, shared with launch/compile.py) -> state
+  (resumed, init_from or fresh) -> evaluator -> loop (step, log, evaluate,
+  checkpoint, preemption) -> last checkpoint and evaluation
 
 Rerunning with the same workdir resumes from its newest checkpoint: the
 parameters, optimizer state and data iterator continue exactly, so a resumed
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -51,6 +54,7 @@ from veclip_jax.run.workdir import CHECKPOINTS, CONFIG_FILE, WorkdirLock, keep_t
 from veclip_jax.train.assembly import Assembly, assemble
 from veclip_jax.train.checkpoint import Checkpointer
 from veclip_jax.train.metrics import MetricsWriter
+from veclip_jax.train.optim import learning_rate_schedule
 from veclip_jax.train.preemption import Preemption
 from veclip_jax.train.state import TrainState
 from veclip_jax.train.step import STEP_APPLIED, STEP_GAUGES
@@ -60,6 +64,10 @@ log = logging.getLogger(__name__)
 
 class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation failed and config.stop_on_eval_error asks to stop (the step was saved first)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +112,12 @@ def train(
     log.info("mesh %s over %d %s device(s), %d process(es)", dict(mesh.shape), mesh.size,
              devices[0].platform, jax.process_count())  # fmt: skip
 
-    # --- the workdir: one trainer at a time (WorkdirBusyError names the holder) ----------------------
-    lock = WorkdirLock(workdir).acquire() if is_writer else None
-    train_iter = ckpt = writer = None
+    # --- SIGTERM from here on is a request to stop (set-up can take minutes on a pod); the workdir:
+    # one trainer at a time (WorkdirBusyError names the holder) ---------------------------------------
+    preemption = Preemption().__enter__()
+    lock = train_iter = ckpt = writer = None
     try:
+        lock = WorkdirLock(workdir).acquire() if is_writer else None
         # --- input (sources resolved once; the demo data is generated on first use) ---------------
         sources = resolve_sources(config)
         keep_tokenizer(workdir, sources.tokenizer, writer=is_writer)
@@ -145,32 +155,38 @@ def train(
         preempted = False
         last_step = start
         end = total if stop_after is None else min(total, start + stop_after)
-        with Preemption() as preemption:
-            for step in range(start + 1, end + 1):
-                state, metrics = run.step(state, global_batch(mesh, next(train_iter)))
-                ckpt.check()  # a background save that failed (a full disk) stops the run here
-                if pending is not None:
-                    monitor.record(*pending, last_checkpoint=_describe(ckpt, saved_step))  # done, or nearly
-                pending, last_step = (step, metrics), step
-                preempted = preemption.reached(step) or (step == end and end < total)
-                eval_due = evaluator is not None and evaluator.due(step, total)
-                save_due = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == total
-                log_due = step % config.log_every == 0 or step == end or preempted
-                if log_due or eval_due or save_due:
-                    monitor.record(*pending, last_checkpoint=_describe(ckpt, saved_step))
-                    pending = None
-                    if log_due:
-                        monitor.log(step)
-                with monitor.paused():  # speed counts training time only
-                    if eval_due:
-                        last_eval = _evaluate(evaluator, state.params, step, total, writer, is_writer)
-                    if save_due or preempted:
-                        _save(ckpt, step, state, train_iter, monitor.streak, config)
-                        saved_step = step
-                if preempted:
-                    break
-            ckpt.wait()  # inside the preemption context: a repeated SIGTERM cannot cut the save short
-        if preempted and is_writer:
+        if preemption.requested and start < end:  # SIGTERM during set-up: nothing new to save
+            log.warning("SIGTERM before the first step: stopping with nothing trained in this call; "
+                        "rerun the same command to resume")  # fmt: skip
+            end = start
+            preempted = True
+        for step in range(start + 1, end + 1):
+            state, metrics = run.step(state, global_batch(mesh, next(train_iter)))
+            ckpt.check()  # a background save that failed (a full disk) stops the run here
+            if pending is not None:
+                monitor.record(*pending, last_checkpoint=_describe(ckpt, saved_step))  # done, or nearly
+            pending, last_step = (step, metrics), step
+            preempted = preemption.reached(step) or (step == end and end < total)
+            eval_due = evaluator is not None and evaluator.due(step, total)
+            save_due = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == total
+            log_due = step % config.log_every == 0 or step == end or preempted
+            if log_due or eval_due or save_due:
+                monitor.record(*pending, last_checkpoint=_describe(ckpt, saved_step))
+                pending = None
+                if log_due:
+                    monitor.log(step)
+            with monitor.paused():  # speed counts training time only
+                # Save first: an evaluation that fails (or kills the process) loses nothing trained.
+                if save_due or preempted:
+                    _save(ckpt, step, state, train_iter, monitor.streak, config)
+                    saved_step = step
+                if eval_due:
+                    result = _evaluate(evaluator, state.params, step, total, writer, monitor, ckpt)
+                    last_eval = last_eval if result is None else result
+            if preempted:
+                break
+        ckpt.wait()  # inside the preemption context: a repeated SIGTERM cannot cut the save short
+        if preempted and is_writer and last_step > start:
             log.warning("stopped at step %d: checkpoint saved to %s; rerun the same command to resume",
                         last_step, ckpt.step_dir(last_step))  # fmt: skip
         if is_writer and last_step > start:
@@ -192,6 +208,7 @@ def train(
             ckpt.wait if ckpt is not None else None,
             ckpt.close if ckpt is not None else None,
             lock.release if lock is not None else None,
+            lambda: preemption.__exit__(None, None, None),  # SIGTERM absorbed until the save is committed
             failing=sys.exc_info()[1] is not None,
         )
 
@@ -225,16 +242,75 @@ def _check_config(
     return checked
 
 
-def _check_same_model(config: ml_collections.ConfigDict, meta: dict[str, Any], step: int) -> None:
-    saved = meta.get("config", {}).get("model")
-    if saved is not None:
-        now = ml_collections.ConfigDict(config.model.to_dict()).to_json_best_effort(sort_keys=True)
-        then = ml_collections.ConfigDict(saved).to_json_best_effort(sort_keys=True)
-        if now != then:
+def _changed(now: Any, then: Any, prefix: str) -> list[str]:
+    """The dotted fields whose values differ between two config sections (JSON round trip: lists)."""
+    now = json.loads(ml_collections.ConfigDict(dict(now)).to_json_best_effort())
+    then = json.loads(ml_collections.ConfigDict(dict(then)).to_json_best_effort())
+    out = []
+    for key in sorted(set(now) | set(then)):
+        a, b = now.get(key), then.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed(a, b, f"{prefix}.{key}")
+        elif a != b:
+            out.append(f"{prefix}.{key}")
+    return out
+
+
+# What a checkpoint cannot be restored into when it changed: the parameters' and the optimizer
+# state's shapes and structure (clipping adds a transform's state), the objective's heads and state.
+_RESTORE_FIELDS = ("model", "objective", "optim.grad_clip_norm")
+# What changes the run from the resume step on: one log line each.
+_SCHEDULE_FIELDS = ("total_steps", "optim.learning_rate", "optim.warmup_steps", "optim.warmup_init_lr",
+                    "optim.end_lr_ratio")  # fmt: skip
+_DATA_FIELDS = ("data.train_files", "data.sources", "data.vecap_prob")
+
+
+def _under(field: str, sections: tuple[str, ...]) -> bool:
+    return any(field == f"config.{s}" or field.startswith(f"config.{s}.") for s in sections)
+
+
+def _check_saved_config(config: ml_collections.ConfigDict, meta: dict[str, Any], step: int) -> None:
+    """Compares the config with the one that saved the checkpoint at `step`, before restoring it.
+
+    A change the checkpoint cannot be restored into (the towers, the objective, the optimizer's
+    layout) is refused naming the fields: it is the config's, not damage to the checkpoint. A
+    change of the learning-rate schedule or of the data is allowed, and logged.
+    """
+    saved = meta.get("config")
+    if not saved:
+        return
+    current = config.to_dict()
+    changed = _changed(current, saved, "config")
+    for section in _RESTORE_FIELDS:
+        blocking = [f for f in changed if _under(f, (section,))]
+        if blocking:
+            what = ", ".join(f"{f} {_get(saved, f)!r} -> {_get(current, f)!r}" for f in blocking)
             raise ConfigError(
-                f"config.model differs from the model of the checkpoint at step {step} in this workdir; "
-                "resume with the same model section, or start a new workdir (init_from can start from it)"
+                f"config.{section} differs from the run that saved the checkpoint at step {step} in this "
+                f"workdir ({what}): its parameters or optimizer state cannot take the change. Resume with "
+                "the saved values, or start a new workdir (config.init_from can start from this one)"
             )
+    schedule = [f for f in changed if _under(f, _SCHEDULE_FIELDS)]
+    if schedule:
+        then = learning_rate_schedule(ml_collections.ConfigDict(saved["optim"]), saved["total_steps"])
+        now = learning_rate_schedule(config.optim, config.total_steps)
+        log.warning(
+            "RESUMING WITH A NEW LEARNING-RATE SCHEDULE: %s changed since step %d; the learning rate at "
+            "step %d is now %.3g (it would have been %.3g). Rerun with the saved values to keep the "
+            "schedule", ", ".join(f"{f} {_get(saved, f)} -> {_get(current, f)}" for f in schedule),
+            step, step, float(now(step)), float(then(step)),
+        )  # fmt: skip
+    for f in changed:
+        if _under(f, _DATA_FIELDS):
+            log.warning("resuming with %s changed since step %d: %s -> %s", f, step, _get(saved, f),
+                        _get(current, f))  # fmt: skip
+
+
+def _get(section: Any, dotted: str) -> Any:
+    """The value of a dotted config field (`config.optim.learning_rate`) in a config's dict, or None."""
+    for part in dotted.split(".")[1:]:
+        section = section.get(part) if isinstance(section, dict) else None
+    return section
 
 
 def _initial_state(
@@ -246,7 +322,7 @@ def _initial_state(
     restored = ckpt.restore_latest(
         run.abstract_state(),
         train_iter,
-        check_meta=lambda meta, step: _check_same_model(config, meta, step),
+        check_meta=lambda meta, step: _check_saved_config(config, meta, step),
     )
     if restored is not None:
         state, meta, start = restored
@@ -291,15 +367,46 @@ def _make_evaluator(
 
 
 def _evaluate(
-    evaluator: Evaluator, params: Any, step: int, total: int, writer: MetricsWriter, is_writer: bool
-) -> dict:
+    evaluator: Evaluator,
+    params: Any,
+    step: int,
+    total: int,
+    writer: MetricsWriter,
+    monitor: _Monitor,
+    ckpt: Checkpointer,
+) -> dict[str, float] | None:
+    """The due evaluations' metrics, written to eval.jsonl; None if they failed.
+
+    A failure (an undecodable image in an eval folder, a full disk while writing
+    eval.jsonl) is logged in one line and counted (`eval_failures` in the
+    metrics), and training goes on: the step's checkpoint is already saved.
+    With config.stop_on_eval_error the run stops instead (EvaluationError).
+    """
     t0 = time.perf_counter()
-    result = evaluator(params, step, total)
-    writer.eval(step, result)
-    if is_writer:
+    try:
+        result = evaluator(params, step, total)
+        writer.eval(step, result)
+    except Exception as e:
+        monitor.eval_failures += 1
+        what = f"evaluation at step {step} failed: {type(e).__name__}: {_first_line(e)}"
+        if monitor.config.stop_on_eval_error:
+            ckpt.wait()  # the step's save, started before the evaluation, is committed first
+            raise EvaluationError(
+                f"{what}. config.stop_on_eval_error=True stops the run; last checkpoint: "
+                f"{_describe(ckpt, ckpt.latest_step())}"
+            ) from e
+        log.error("%s; training goes on (%d failed evaluation(s); config.stop_on_eval_error=True would "
+                  "stop the run)", what, monitor.eval_failures)  # fmt: skip
+        return None
+    if monitor.is_writer:
         shown = "  ".join(f"{k} {v:.3f}" for k, v in result.items())
         log.info("eval step %d (%.1f s): %s", step, time.perf_counter() - t0, shown)
     return result
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _save(
@@ -376,6 +483,7 @@ class _Monitor:
     ):
         self.config, self.writer, self.train_iter = config, writer, train_iter
         self.start, self.streak, self.nonfinite_total = start, streak, nonfinite_total
+        self.eval_failures = 0  # evaluations that failed in this call (training went on)
         self.is_writer = is_writer
         # Metrics logged as the window's last value (values of the state: the learning rate, the
         # objective's temperature or bias), the others as its mean.
@@ -423,6 +531,7 @@ class _Monitor:
             "images_per_sec": self.config.batch_size / step_time if self.timed else math.nan,
             "seconds_per_step": step_time,
             "nonfinite_steps": self.nonfinite_total,
+            "eval_failures": self.eval_failures,
         }
         values |= _host_bad_counts(self.train_iter)
         self.writer.train(step, values)
