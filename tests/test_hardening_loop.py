@@ -134,3 +134,26 @@ def test_resuming_with_a_new_schedule_says_so_loudly(two_steps, demo_cache, tmp_
     assert f"NEW LEARNING-RATE SCHEDULE: config.total_steps {STEPS} -> {2 * STEPS} changed since step 2" in (
         caplog.text
     )
+
+
+# --- a mesh that cannot shard the model (issue 22, #11) --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mesh, devices, message",
+    [
+        (dict(data=1, fsdp=6, tensor=1), 6, r"config.mesh.fsdp=6 does not divide the parameter .*64-wide"),
+        (dict(data=1, fsdp=1, tensor=3), 3, r"config.mesh.tensor=3 does not divide the parameter"),
+    ],
+)
+def test_a_mesh_that_does_not_divide_the_model_is_refused_before_the_workdir(
+    demo_cache, tmp_path, mesh, devices, message
+):
+    import jax
+
+    config = _config(demo_cache, batch_size=12, eval_batch_size=12)
+    config.mesh.update(mesh)
+    workdir = tmp_path / "w"
+    with pytest.raises(loop.ConfigError, match=message):
+        loop.train(config, str(workdir), devices=jax.devices()[:devices])
+    assert not workdir.exists()  # refused before the workdir (and its lock) was made

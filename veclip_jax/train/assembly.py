@@ -9,17 +9,21 @@ is validated before (veclip_jax/config.py); nothing here re-checks it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from veclip_jax import batch as batch_schema
+from veclip_jax.errors import ConfigError
 from veclip_jax.objectives import Objective, make_objective
-from veclip_jax.objectives.model import ObjectiveModel, build
+from veclip_jax.objectives.model import ObjectiveModel, abstract_params, build, param_logical_specs
 from veclip_jax.parallel.mesh import batch_sharding
 from veclip_jax.parallel.rules import LogicalRules, rules_from_config
 from veclip_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -60,6 +64,29 @@ class Assembly:
         }
 
 
+def check_shardable(model: ObjectiveModel, mesh: Mesh, rules: LogicalRules) -> None:
+    """Every parameter's sharded dimensions divide over their mesh axes, or ConfigError naming the axis.
+
+    Checked from shapes alone (no memory), before a workdir is touched: JAX would otherwise stop at
+    the first sharded initialisation with an IndivisibleError traceback (e.g. fsdp=6 on width 64).
+    """
+    specs = param_logical_specs(model)
+    flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
+    shapes = jax.tree.leaves(abstract_params(model))
+    for (path, spec), shape in zip(flat_specs, shapes, strict=True):
+        for dim, logical, axes in zip(shape.shape, spec, nn.logical_to_mesh_axes(spec, rules), strict=False):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            size = math.prod(mesh.shape[a] for a in axes)
+            if dim % size:
+                fields = " x ".join(f"config.mesh.{a}={mesh.shape[a]}" for a in axes)
+                name = "/".join(str(getattr(k, "key", k)) for k in path)
+                raise ConfigError(
+                    f"{fields} does not divide the parameter {name} (shape {tuple(shape.shape)}): its "
+                    f"{dim}-wide '{logical}' axis is split over {'x'.join(axes)} (config.sharding_rules); "
+                    "pick mesh sizes that divide the model's widths, or another sharding rule"
+                )
+
+
 def assemble(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
@@ -76,6 +103,7 @@ def assemble(
     rules = rules_from_config(config)
     objective = make_objective(config.objective) if objective is None else objective
     model = build(config.model, objective, unroll=unroll)
+    check_shardable(model, mesh, rules)
     tx = make_optimizer(config.optim, config.total_steps)
     schedule = learning_rate_schedule(config.optim, config.total_steps)
     shardings = state_shardings(model, tx, mesh, rules)

@@ -112,6 +112,11 @@ def train(
     log.info("mesh %s over %d %s device(s), %d process(es)", dict(mesh.shape), mesh.size,
              devices[0].platform, jax.process_count())  # fmt: skip
 
+    # --- model, optimizer, shardings and the train step: one jitted function of (state, batch),
+    # state donated; the same assembly launch/compile.py compiles for a pod. Built (nothing compiled
+    # or allocated yet) before the workdir is touched: a mesh that cannot shard it is refused here ----
+    run = assemble(config, mesh, objective=objective)
+
     # --- SIGTERM from here on is a request to stop (set-up can take minutes on a pod); the workdir:
     # one trainer at a time (WorkdirBusyError names the holder) ---------------------------------------
     preemption = Preemption().__enter__()
@@ -124,10 +129,6 @@ def train(
         t = config.model.text
         tokenizer = load_tokenizer(sources.tokenizer, t.context_length, pad_id=t.pad_id, eos_id=t.eos_id)
         train_iter = make_train_iterator(config, sources=sources, tokenizer=tokenizer, keys=objective.inputs)
-
-        # --- model, optimizer, shardings and the train step: one jitted function of (state, batch),
-        # state donated; the same assembly launch/compile.py compiles for a pod ------------------------
-        run = assemble(config, mesh, objective=objective)
 
         # --- state: resume from this workdir, else init_from, else fresh ---------------------------
         ckpt = Checkpointer(
