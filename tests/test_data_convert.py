@@ -271,6 +271,7 @@ def test_no_temporary_files_are_left_and_side_outputs_do_not_match_the_shards_gl
     assert left == [
         "train-00000-of-00002.array_record",
         "train-00001-of-00002.array_record",
+        "train.lock",  # kept, empty: removing it could let two converters lock two files
         "train.shard-stats",
         "train.stats.json",
     ]

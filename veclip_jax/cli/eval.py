@@ -69,6 +69,9 @@ def main(argv: list[str]) -> None:
             print(f"scoring ({', '.join(tasks)}): {DESCRIPTION[how]}")
         if out.files:
             print(f"results: {', '.join(out.files)}")
+        if out.write_error:  # the table above is the whole result; only its files are missing
+            print(f"error: {out.write_error}", file=sys.stderr)
+            sys.exit(1)
 
 
 def run() -> None:

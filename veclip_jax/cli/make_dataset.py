@@ -23,8 +23,13 @@ Several machines share one conversion: each runs the same command with --num_tas
 writes the whole summary.
 
 Rerunning the same command resumes: finished shards are kept, the rest are
-written. The summary is printed and written to OUT-stats.json. The veclip_jax
+written. The summary is printed and written to OUT.stats.json. The veclip_jax
 package must be installed (`pip install -e .`, as `make setup` does).
+
+Exit status: 0 done; 1 no record written, or the machine failed (a full disk:
+one line, no temporary file left); 2 a user error (a missing input, a bad
+option, a malformed VeCap JSON, an output made by another conversion or being
+written by a live converter), one line naming what to change.
 """
 
 import argparse
@@ -34,6 +39,7 @@ import sys
 
 from veclip_jax.data import convert
 from veclip_jax.data.readers.table import TableColumns
+from veclip_jax.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,9 +87,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the conversion; returns the exit status (1 if no record was written)."""
+    """Runs the conversion; returns the exit status: 0 done, 1 nothing written or failed, 2 user error."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        summary = _convert(args)
+    except UserError as e:
+        return _fail(str(e), 2)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        return _fail(str(e), 2)  # an input path of the user's
+    except OSError as e:  # the machine's: a full disk, a lost mount (temporary files are removed)
+        return _fail(f"{type(e).__name__}: {e}", 1)
+    print(summary.format())
+    if summary.records == 0:
+        print("no record was written: check the inputs and the skip reasons above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _convert(args: argparse.Namespace) -> convert.ConversionSummary:
     common = dict(
         vecap_json=args.vecap_json or None,
         source=args.source,
@@ -125,11 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             delimiter={"\\t": "\t", "tab": "\t"}.get(args.delimiter, args.delimiter),
             **common,
         )
-    print(summary.format())
-    if summary.records == 0:
-        print("no record was written: check the inputs and the skip reasons above", file=sys.stderr)
-        return 1
-    return 0
+    return summary
 
 
 def run() -> None:

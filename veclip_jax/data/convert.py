@@ -37,7 +37,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from veclip_jax.data import records
-from veclip_jax.data.convert_run import ConversionSummary, run_conversion, shard_stats_path, stats_path
+from veclip_jax.data.convert_run import (
+    ConversionBusyError,
+    ConversionError,
+    ConversionSummary,
+    run_conversion,
+    shard_stats_path,
+    stats_path,
+)
 from veclip_jax.data.convert_shard import Job
 from veclip_jax.data.paths import expand_paths
 from veclip_jax.data.readers.table import TableColumns, read_image_folder, read_table
@@ -45,7 +52,8 @@ from veclip_jax.data.skips import CONVERTER_REASONS, REASONS
 
 # Part of every shard's fingerprint: bump when a change to this module or its readers changes
 # which records a shard holds, so that a resume does not mix the two versions.
-CONVERTER_VERSION = 2
+# 3: image paths confined to the image root (issue 22).
+CONVERTER_VERSION = 3
 
 # Why samples are skipped, in the order they are checked (a sample counts once): data/skips.py.
 SKIP_REASONS: dict[str, str] = {r: REASONS[r] for r in CONVERTER_REASONS}
@@ -53,6 +61,8 @@ SKIP_REASONS: dict[str, str] = {r: REASONS[r] for r in CONVERTER_REASONS}
 __all__ = [
     "CONVERTER_VERSION",
     "SKIP_REASONS",
+    "ConversionBusyError",
+    "ConversionError",
     "ConversionSummary",
     "convert_image_folder",
     "convert_parquet",
@@ -64,11 +74,11 @@ __all__ = [
 
 def _check_common(out: str, num_shards: int, workers: int) -> str:
     if not out:
-        raise ValueError("an output prefix is needed, e.g. /data/vecap/train")
+        raise ConversionError("an output prefix is needed, e.g. /data/vecap/train")
     if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        raise ConversionError(f"num_shards must be >= 1, got {num_shards}")
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise ConversionError(f"workers must be >= 1, got {workers}")
     return os.path.abspath(os.path.expanduser(out))
 
 
@@ -85,7 +95,7 @@ def _vecap_files(vecap_json: str | Sequence[str] | None) -> list[str]:
 def _tasks(task: tuple[int, int]) -> tuple[int, int]:
     index, count = task
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"task index {index} is not in [0, {count}) (--task_index, --num_tasks)")
+        raise ConversionError(f"task index {index} is not in [0, {count}) (--task_index, --num_tasks)")
     return index, count
 
 
@@ -101,11 +111,11 @@ def _file_jobs(
     paths = [os.path.abspath(p) for p in expand_paths(inputs)]
     what = {"webdataset": "input tars", "parquet": "input Parquet files"}[kind]
     if not paths:
-        raise ValueError(f"no {what} given")
+        raise ConversionError(f"no {what} given")
     if not any(os.path.exists(p) for p in paths):
         raise FileNotFoundError(f"none of the {len(paths)} {what} exists (first: {paths[0]})")
     if num_shards > len(paths):
-        raise ValueError(
+        raise ConversionError(
             f"num_shards {num_shards} > {len(paths)} {what}: an output shard is made of whole input "
             f"files, so use at most {len(paths)} shards"
         )
@@ -180,13 +190,15 @@ def convert_parquet(
     Columns as for tables (`columns`); the image column falls back to the
     first of jpg, jpeg, png, webp, image present (img2dataset, HuggingFace).
     Image cells hold bytes, a {"bytes", "path"} struct, or a path relative to
-    `image_root` (default: the working directory). Output shard j holds
+    `image_root` (default: the working directory), and only those resolving inside it are read
+    (others are skipped as image_outside_root). Output shard j holds
     input files i with i % num_shards == j; the key is the key column, else
     FILE-STEM/ROW. `task` as in convert_webdataset.
     """
     out = _check_common(out, num_shards, workers)
     vecap_files = _vecap_files(vecap_json)
-    root = os.path.abspath(os.path.expanduser(image_root)) if image_root else ""
+    # The root is explicit (the working directory by default) so that path cells can be confined to it.
+    root = os.path.abspath(os.path.expanduser(image_root or os.getcwd()))
     jobs = _file_jobs(
         "parquet",
         files,
@@ -234,7 +246,7 @@ def convert_image_folder(
         raise FileNotFoundError(f"captions file not found: {captions}")
     rows = read_image_folder(root, captions, class_template)
     if num_shards > len(rows):
-        raise ValueError(f"num_shards {num_shards} > {len(rows)} images under {root}")
+        raise ConversionError(f"num_shards {num_shards} > {len(rows)} images under {root}")
     st = os.stat(captions) if captions else None
     fingerprint = {
         "converter": CONVERTER_VERSION,
@@ -249,6 +261,7 @@ def convert_image_folder(
             stats_path=shard_stats_path(out, j, num_shards),
             fingerprint=fingerprint,
             rows=tuple(rows[j::num_shards]),
+            image_root=root,  # a symlink in the tree pointing out of it is not followed
             source=source,
             verify_images=verify_images,
         )
@@ -274,7 +287,8 @@ def convert_table(
     """Converts a CSV/TSV table of image paths and captions into `num_shards` shards.
 
     The first line names the columns (`columns`). Image paths are absolute or
-    relative to `image_root` (default: the table's directory). `delimiter`:
+    relative to `image_root` (default: the table's directory); a path resolving
+    outside it (`../`, elsewhere, a symlink out) is skipped as image_outside_root. `delimiter`:
     tab for .tsv/.tab files, else comma, unless given. The key is the key
     column's value, else the row number (0 = the first row after the header).
     A row without a VeCap caption takes one from `vecap_json` by its URL
@@ -291,7 +305,7 @@ def convert_table(
     # The whole table is read here, once, rather than by every worker: workers get their rows.
     rows = read_table(table, columns, root, delimiter, bool(vecap_files))
     if num_shards > len(rows):
-        raise ValueError(f"num_shards {num_shards} > {len(rows)} rows in {table}")
+        raise ConversionError(f"num_shards {num_shards} > {len(rows)} rows in {table}")
     st = os.stat(table)
     jobs = []
     for j in range(num_shards):
@@ -312,6 +326,7 @@ def convert_table(
                 stats_path=shard_stats_path(out, j, num_shards),
                 fingerprint=fingerprint,
                 rows=tuple(rows[j::num_shards]),
+                image_root=root,
                 source=source,
                 verify_images=verify_images,
             )

@@ -9,6 +9,13 @@ mixing two conversions in one directory would silently duplicate or drop pairs.
 
 The summary (records per shard, skips by reason, VeCap join rate) is
 returned, and written as JSON to OUT.stats.json next to the shards.
+
+One converter per output. A conversion holds OUT.lock (`OutputLock`) while it
+runs: a second converter on the same output (the same command started twice,
+two machines given the same --task_index) is refused, naming the holder,
+instead of both writing the same PATH.tmp. Under the lock, this conversion's
+temporary files are its own: those a killed converter left are removed at the
+start, and those of a failed run (a full disk) when it fails.
 """
 
 from __future__ import annotations
@@ -16,10 +23,15 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import errno
+import fcntl
+import glob
 import json
 import logging
 import multiprocessing
 import os
+import socket
+import stat
 import time
 from typing import Any
 
@@ -30,8 +42,17 @@ from veclip_jax.data import records
 from veclip_jax.data.convert_shard import Job, shard_keys_path, write_shard
 from veclip_jax.data.readers.vecap_json import build_vecap_index
 from veclip_jax.data.skips import CONVERTER_REASONS, REASONS
+from veclip_jax.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+class ConversionError(UserError, ValueError):
+    """A conversion that cannot run as asked (bad options, inputs, an output made otherwise): exit 2."""
+
+
+class ConversionBusyError(UserError):
+    """Another live converter is writing the same output: exit 2, naming it."""
 
 
 @dataclasses.dataclass
@@ -125,7 +146,7 @@ def _load_done(job: Job) -> dict[str, Any] | None:
     if stats.get("fingerprint") != job.fingerprint:
         old = stats.get("fingerprint") or {}
         differ = sorted(k for k in set(old) | set(job.fingerprint) if old.get(k) != job.fingerprint.get(k))
-        raise ValueError(
+        raise ConversionError(
             f"{job.path} exists from a conversion with other inputs or options (differs in: "
             f"{', '.join(differ)}). Convert into a new --out, or delete that conversion's shards and "
             f"{os.path.dirname(job.stats_path)}/ first."
@@ -154,6 +175,155 @@ def _cross_shard_duplicates(jobs: list[Job]) -> tuple[int, list[list[str]]]:
     return len(np.unique(h[repeat + 1])) if len(repeat) else 0, pairs
 
 
+def lock_path(out: str, task: tuple[int, int] = (0, 1)) -> str:
+    """The output's lock (task i of M > 1 also holds OUT.task-0000i-of-0000M.lock)."""
+    return f"{out}.lock" if task == (0, 1) else f"{out}.task-{task[0]:05d}-of-{task[1]:05d}.lock"
+
+
+def _open_lock(path: str) -> int:
+    """Opens (creating) a lock file, refusing anything but a plain file of its own.
+
+    The holder is written into it, so a symlink planted there must not redirect
+    that write: O_NOFOLLOW refuses one (a dangling one is not followed to create
+    its target); a FIFO, device or hard link is refused before a byte is written.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    refuse = f"{path} is not a plain lock file ({{}}): remove it, or convert into another --out"
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConversionError(refuse.format("a symlink")) from None
+        raise ConversionError(f"{path}: cannot open the output's lock ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = "a hard link" if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise ConversionError(refuse.format(what))
+    return fd
+
+
+def _holder(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 4096).decode(errors="replace").strip()
+
+
+def _read_holder(path: str) -> str:
+    """The holder a lock file names; "" for anything but a plain file (a FIFO must not block us)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        return _holder(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else ""
+    finally:
+        os.close(fd)
+
+
+class OutputLock:
+    """The output's lock: `fcntl.flock` on OUT.lock, released by the kernel when the holder dies.
+
+    A single conversion (task 0 of 1) holds OUT.lock exclusively. Task i of M
+    (machines sharing one conversion) holds OUT.lock shared, so the other tasks
+    may run, and OUT.task-0000i-of-0000M.lock exclusively, so the same task may
+    not run twice. The exclusive file records the holder (host, pid, task) for
+    the message a refused converter prints. On a file system without flock
+    (some network mounts) the lock is skipped with a warning.
+    """
+
+    def __init__(self, out: str, task: tuple[int, int] = (0, 1)):
+        self.out, self.task = out, task
+        self._fds: list[int] = []
+        self._own: int | None = None  # the file naming this holder, once the lock is taken
+
+    def acquire(self) -> OutputLock:
+        """Takes the lock, or raises ConversionBusyError naming the live holder."""
+        single = self.task == (0, 1)
+        main = _open_lock(lock_path(self.out))
+        self._fds.append(main)
+        try:
+            fcntl.flock(main, (fcntl.LOCK_EX if single else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = [_holder(main)] if _holder(main) else []
+            for path in sorted(glob.glob(glob.escape(self.out) + ".task-*-of-*.lock")):
+                held += [h for h in [_read_holder(path)] if h]  # the tasks holding it shared
+            self.release()
+            raise ConversionBusyError(self._busy(", ".join(held) or "unknown")) from None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP: no flock on this file system
+            log.warning("%s: cannot lock (%s): make sure no other converter writes this output",
+                        lock_path(self.out), e.strerror)  # fmt: skip
+            return self
+        own = main
+        if not single:
+            own = _open_lock(lock_path(self.out, self.task))
+            self._fds.append(own)
+            try:
+                fcntl.flock(own, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(own) or "unknown"
+                self.release()
+                raise ConversionBusyError(self._busy(holder)) from None
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "task": list(self.task),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+        os.ftruncate(own, 0)
+        os.pwrite(own, json.dumps(info).encode(), 0)
+        self._own = own
+        return self
+
+    def _busy(self, holder: str) -> str:
+        return (f"{self.out} is being converted by another converter ({holder}): wait for it to "
+                "finish, stop it, or convert into another --out")  # fmt: skip
+
+    def release(self) -> None:
+        """Drops the lock. The files stay: removing one could let two converters lock two files."""
+        for fd in reversed(self._fds):
+            try:
+                if fd == self._own:  # never after a refused acquire: the file names the live holder
+                    os.ftruncate(fd, 0)  # no holder named any more
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+            os.close(fd)
+        self._fds, self._own = [], None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _temporaries(jobs: list[Job], mine: list[int], out: str, task: tuple[int, int]) -> list[str]:
+    """This task's temporary files present now, by exact name: only what this conversion writes.
+
+    RecordWriter's PATH.tmp of each of its shards, the VeCap index's INDEX.tmp, and fileio's
+    NAME.tmpPID of its stats, key and summary files. Another task's files are never named.
+    """
+    found = [p for p in [jobs[i].path + ".tmp" for i in mine] + [_vecap_index_path(out, task) + ".tmp"]
+             if os.path.lexists(p)]  # fmt: skip
+    names = {stats_path(out, task)}
+    for i in mine:
+        names |= {jobs[i].stats_path, shard_keys_path(jobs[i].stats_path)}
+    for directory in {os.path.dirname(n) for n in names}:
+        try:
+            entries = os.listdir(directory)
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            base, sep, pid = os.path.join(directory, entry).rpartition(".tmp")
+            if sep and pid.isdigit() and base in names:
+                found.append(os.path.join(directory, entry))
+    return found
+
+
+def _remove(paths: list[str]) -> None:
+    for p in paths:
+        try:
+            os.remove(p)
+        except FileNotFoundError:
+            pass
+
+
 def run_conversion(
     jobs: list[Job],
     out: str,
@@ -162,19 +332,46 @@ def run_conversion(
     workers: int,
     task: tuple[int, int] = (0, 1),
 ) -> ConversionSummary:
-    t0 = time.perf_counter()
-    num_shards = len(jobs)
-    task_index, num_tasks = task
+    """Writes this task's pending shards (holding the output's lock), then the summary; returns it."""
     os.makedirs(os.path.dirname(shard_stats_path(out, 0, 1)), exist_ok=True)
+    task_index, num_tasks = task
     # Task i of M (one per machine) writes the output shards j with j % M == i: shards depend only
     # on their own inputs, so the machines need no coordination beyond a shared output directory.
-    mine = [i for i in range(num_shards) if i % num_tasks == task_index]
+    mine = [i for i in range(len(jobs)) if i % num_tasks == task_index]
+    with OutputLock(out, task):
+        stale = _temporaries(jobs, mine, out, task)
+        if stale:  # under the lock: no live converter is writing them
+            log.info("removing %d temporary files of an earlier converter that stopped: %s%s",
+                     len(stale), stale[0], ", ..." if len(stale) > 1 else "")  # fmt: skip
+            _remove(stale)
+        try:
+            return _run_locked(jobs, out, mine, vecap_json=vecap_json, workers=workers, task=task)
+        except BaseException:
+            _remove(_temporaries(jobs, mine, out, task))  # a full disk must not leave PATH.tmp behind
+            raise
+
+
+def _run_locked(
+    jobs: list[Job],
+    out: str,
+    mine: list[int],
+    *,
+    vecap_json: list[str],
+    workers: int,
+    task: tuple[int, int],
+) -> ConversionSummary:
+    t0 = time.perf_counter()
+    num_shards = len(jobs)
+    num_tasks = task[1]
     done = {i: s for i in mine if (s := _load_done(jobs[i])) is not None}
     pending = [jobs[i] for i in mine if i not in done]
     log.info("%d of %d shards to write (%d done before)", len(pending), len(mine), len(done))
     index_path = _vecap_index_path(out, task)
     if pending and vecap_json:
-        build_vecap_index(vecap_json, index_path)
+        try:
+            build_vecap_index(vecap_json, index_path)
+        except ValueError as e:  # a truncated or malformed VeCap JSON, named by the reader
+            raise ConversionError(str(e)) from None
         pending = [dataclasses.replace(job, vecap_index=index_path) for job in pending]
 
     results: dict[str, dict[str, Any]] = {}

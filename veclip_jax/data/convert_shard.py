@@ -14,7 +14,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import io
 import os
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -25,7 +27,7 @@ from veclip_jax import fileio
 from veclip_jax.data import captions, records
 from veclip_jax.data.image_ops import image_decodes
 from veclip_jax.data.readers.parquet import iter_parquet_rows
-from veclip_jax.data.readers.table import Row, TableColumns
+from veclip_jax.data.readers.table import Row, TableColumns, confine
 from veclip_jax.data.readers.vecap_json import VecapLookup
 from veclip_jax.data.readers.webdataset import iter_tar_samples, sample_fields
 from veclip_jax.data.skips import CONVERTER_REASONS
@@ -41,7 +43,7 @@ class Job:
     tars: tuple[str, ...] = ()  # webdataset tars, or Parquet files
     rows: tuple[Row, ...] = ()
     columns: TableColumns = TableColumns()  # Parquet
-    image_root: str = ""  # Parquet: base of image paths in cells
+    image_root: str = ""  # tables, Parquet, folders: image paths must resolve inside it
     vecap_index: str | None = None
     source: str | None = None
     verify_images: bool = True
@@ -93,15 +95,31 @@ def _parquet_outcomes(job: Job, lookup: VecapLookup | None) -> Iterator[_Outcome
             if isinstance(row, str):
                 yield row, path
             else:
-                yield _table_candidate(row, lookup, job.source), path
+                yield _table_candidate(row, lookup, job.source, job.image_root), path
 
 
 def _table_outcomes(job: Job, lookup: VecapLookup | None) -> Iterator[_Outcome]:
     for row in job.rows:
-        yield _table_candidate(row, lookup, job.source), row.image
+        yield _table_candidate(row, lookup, job.source, job.image_root), row.image
 
 
-def _table_candidate(row: Row, lookup: VecapLookup | None, source: str | None) -> _Candidate | str:
+def _read_image(root: str, path: str) -> bytes | str:
+    """The bytes of the image file at `path`, or the skip reason: outside `root`, or not found."""
+    real = confine(root, path)
+    if real is None:
+        return "image_outside_root"
+    try:
+        # O_NOFOLLOW: `real` has no symlink left; one put there since confine() is refused.
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return "image_not_found"  # a FIFO or device would block or never end
+            return f.read()
+    except OSError:
+        return "image_not_found"
+
+
+def _table_candidate(row: Row, lookup: VecapLookup | None, source: str | None, root: str) -> _Candidate | str:
     if row.error is not None:
         return "bad_row"
     alt, vecap, joined = _caption(row.alt_text), _caption(row.vecap_text), False
@@ -115,11 +133,9 @@ def _table_candidate(row: Row, lookup: VecapLookup | None, source: str | None) -
     elif not row.image:
         return "missing_image"
     else:
-        try:
-            with open(row.image, "rb") as f:
-                image = f.read()
-        except OSError:
-            return "image_not_found"
+        image = _read_image(root, row.image)
+        if isinstance(image, str):
+            return image
     record = records.Record(key=row.key, jpeg=image, alt_text=alt, vecap_text=vecap, source=source)
     return _Candidate(record, vecap_joined=joined)
 
@@ -190,6 +206,10 @@ def write_shard(job: Job) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - t0, 3),
         "fingerprint": job.fingerprint,
     }
-    np.save(shard_keys_path(job.stats_path), _key_hashes(sorted(seen)))  # before the stats: the done marker
+    keys = io.BytesIO()
+    np.save(keys, _key_hashes(sorted(seen)))
+    # Before the stats (the done marker), and whole or absent: a disk filling here must not leave a
+    # truncated file that the summary's duplicate check would then fail to read.
+    fileio.atomic_write_bytes(shard_keys_path(job.stats_path), keys.getvalue())
     fileio.atomic_write_json(job.stats_path, stats, indent=1)  # a stats file is complete or absent
     return stats

@@ -23,7 +23,9 @@ can be read on its own (grain reads records in a random order).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import errno
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -33,6 +35,7 @@ import msgpack
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from veclip_jax.data.paths import expand_paths
+from veclip_jax.errors import UserError
 
 FORMAT_VERSION = 1
 # group_size:1 makes every record its own chunk: random access costs one read.
@@ -42,6 +45,10 @@ SHARD_SUFFIX = ".array_record"
 
 class RecordFormatError(ValueError):
     """Bytes that are not a record of a format version this reader knows."""
+
+
+class ShardError(UserError, ValueError):
+    """A data shard the user named that is not a readable ArrayRecord file, or no shard at all: exit 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,24 +148,38 @@ class RecordWriter:
         """Appends one record."""
         if self._writer is None:
             raise ValueError(f"writer for {self.path} is closed")
-        self._writer.write(encode_record(record))
+        data = encode_record(record)
+        try:
+            self._writer.write(data)
+        except RuntimeError as e:
+            raise _io_error(self._tmp, e) from e
         self.count += 1
 
     def close(self) -> None:
         """Finishes the shard and moves it to its final name."""
         if self._writer is None:
             return
-        self._writer.close()
-        self._writer = None
-        os.replace(self._tmp, self.path)
+        writer, self._writer = self._writer, None
+        try:
+            try:
+                writer.close()  # flushes the last chunks: where a full disk shows
+            except RuntimeError as e:
+                raise _io_error(self._tmp, e) from e
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            _remove_quietly(self._tmp)
+            raise
 
     def abort(self) -> None:
-        """Drops the partial shard."""
+        """Drops the partial shard (also when closing it fails, as it does on a full disk)."""
         if self._writer is None:
             return
-        self._writer.close()
-        self._writer = None
-        os.remove(self._tmp)
+        writer, self._writer = self._writer, None
+        try:
+            with contextlib.suppress(Exception):  # the shard is dropped anyway: the caller's error matters
+                writer.close()
+        finally:
+            _remove_quietly(self._tmp)
 
     def __enter__(self) -> RecordWriter:
         return self
@@ -170,6 +191,19 @@ class RecordWriter:
             self.close()
         else:
             self.abort()
+
+
+def _io_error(path: str, e: RuntimeError) -> OSError:
+    """ArrayRecord reports a failed write (a full disk) as RuntimeError: an OSError, as for any file."""
+    code = errno.ENOSPC if "No space left" in str(e) else errno.EIO
+    return OSError(code, f"{os.strerror(code)}: writing {path} ({e})")
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def shard_name(prefix: str, index: int, count: int) -> str:
@@ -217,7 +251,7 @@ def _check_shard(path: str) -> int:
         status = "bad header"
     except Exception as e:  # close() of a bad file raises, as may open()
         status = f"{type(e).__name__}: {e}"
-    raise ValueError(f"data shard is not a readable ArrayRecord file: {path} ({status})")
+    raise ShardError(f"data shard is not a readable ArrayRecord file: {path} ({status})")
 
 
 def shard_counts(spec: str | Sequence[str]) -> list[tuple[str, int]]:
@@ -228,7 +262,7 @@ def shard_counts(spec: str | Sequence[str]) -> list[tuple[str, int]]:
     """
     paths = expand_paths(spec, what="data shards")
     if not paths:
-        raise ValueError("no data shards given")
+        raise ShardError("no data shards given")
     return [(p, _check_shard(p)) for p in paths]
 
 

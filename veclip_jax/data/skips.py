@@ -27,6 +27,7 @@ REASONS: dict[str, str] = {
     "empty_caption": "neither an AltText nor a VeCap caption left after cleaning",
     "missing_image": "no image: no image member (tar), an empty image cell (Parquet) or path (table)",
     "image_not_found": "table: the image file a row names does not exist or cannot be read",
+    "image_outside_root": "table, Parquet, folder: the image path resolves outside --image_root (refused)",
     "duplicate_key": "a key already written to the same output shard",
     "undecodable_image": "no decoder reads the image bytes",
 }

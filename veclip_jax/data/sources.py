@@ -43,6 +43,7 @@ import grain
 
 from veclip_jax.data import records, seeds
 from veclip_jax.data.paths import expand_paths
+from veclip_jax.errors import UserError
 
 if TYPE_CHECKING:
     import ml_collections
@@ -60,8 +61,8 @@ DEFAULT_FIELDS = {
 SAMPLE_BITS = 32  # streamed formats: index = file_index << SAMPLE_BITS | sample index in the file
 
 
-class SourceError(ValueError):
-    """A source of config.data that cannot be read as configured (named in the message)."""
+class SourceError(UserError, ValueError):
+    """A source of config.data that cannot be read as configured (named in the message): exit 2."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,6 +53,9 @@ class EvalRun:
     step: int | None  # the checkpoint's step, for our runs
     images_per_sec: dict[str, float]  # task key -> embedding throughput of its last image pass
     scoring: dict[str, str] = dataclasses.field(default_factory=dict)  # task key -> "tokenwise" / "pooled"
+    # Why the results could not be written (a full disk, no permission), or "": the metrics are still
+    # here and in `table`, so the caller shows them before reporting the failure.
+    write_error: str = ""
 
 
 def _run_of(source: str) -> RunPath | None:
@@ -181,6 +184,7 @@ def evaluate(
     types = {t.key: t.kind for t in evaluator.tasks}
     table = results_table(results, types, model=os.path.basename(os.path.normpath(path)))
     files: list[str] = []
+    write_error = ""
     if jax.process_index() == 0:
         out = output_dir or (
             os.path.join(workdir, "eval_results", f"step_{step}") if workdir
@@ -201,6 +205,9 @@ def evaluate(
             }
             for task in evaluator.tasks
         }
-        files = write_results(out, dumps, workdir, {"step": step} | flatten(results))
+        try:  # each file atomically: a failure leaves no partial JSON behind
+            files = write_results(out, dumps, workdir, {"step": step} | flatten(results))
+        except OSError as e:
+            write_error = f"writing the results to {out} failed: {type(e).__name__}: {e}"
     rates = {t.key: t.images_per_sec for t in evaluator.tasks}
-    return EvalRun(results, types, table, files, step, rates, evaluator.scoring)
+    return EvalRun(results, types, table, files, step, rates, evaluator.scoring, write_error)

@@ -14,7 +14,25 @@ import dataclasses
 import logging
 import os
 
+from veclip_jax.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+class TableError(UserError, ValueError):
+    """A table that cannot give pairs at all (no header, no image or caption column): exit 2."""
+
+
+def confine(root: str, path: str) -> str | None:
+    """`path` (absolute, or relative to `root`) fully resolved, or None when it lies outside `root`.
+
+    Symlinks are resolved in both, so neither `../`, an absolute path elsewhere, nor a
+    symlink under the root pointing out of it reaches a file outside: a table's cells are
+    data from the web, and what they name is copied into the shards.
+    """
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, path))
+    return real if os.path.commonpath([real_root, real]) == real_root else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +67,10 @@ def _has_undecodable(cells: list[str]) -> bool:
 def read_table(
     path: str, columns: TableColumns, image_root: str, delimiter: str, has_vecap_json: bool
 ) -> list[Row]:
-    """All rows of the table at `path`; raises ValueError, naming the table, when it cannot give pairs.
+    """All rows of the table at `path`; raises TableError, naming the table, when it cannot give pairs.
 
-    Image paths are joined to `image_root` (an absolute path stays as it is).
+    Image paths are joined to `image_root` (an absolute path stays as it is; a `~` is a name,
+    not a home directory); the converter reads only those that resolve inside it (`confine`).
     The key is the key column's value, else the row number (0 = the first row
     after the header). A table needs a caption column, or a URL column when
     `has_vecap_json` (captions joined by URL); if a column name appears twice,
@@ -65,17 +84,17 @@ def read_table(
         try:
             header = next(reader, None)
         except csv.Error as e:
-            raise ValueError(f"table {path}: the header line cannot be read: {e}") from None
+            raise TableError(f"table {path}: the header line cannot be read: {e}") from None
         if header is None:
-            raise ValueError(f"table {path} is empty")
+            raise TableError(f"table {path} is empty")
         if _has_undecodable(header):
-            raise ValueError(f"table {path}: the header line is not UTF-8")
+            raise TableError(f"table {path}: the header line is not UTF-8")
         where = {name: i for i, name in reversed(list(enumerate(header)))}
         if columns.image not in where:
-            raise ValueError(f"table {path} has no image column {columns.image!r} (its columns: {header})")
+            raise TableError(f"table {path} has no image column {columns.image!r} (its columns: {header})")
         has = {field: getattr(columns, field) in where for field in ("alt_text", "vecap_text", "key", "url")}
         if not (has["alt_text"] or has["vecap_text"] or (has["url"] and has_vecap_json)):
-            raise ValueError(
+            raise TableError(
                 f"table {path} has no caption: no column {columns.alt_text!r} or {columns.vecap_text!r}, "
                 f"nor a {columns.url!r} column with VeCap JSON to join (its columns: {header})"
             )
@@ -107,7 +126,7 @@ def read_table(
                 continue
             image = (cell(row, "image") or "").strip()
             if image:
-                image = os.path.join(image_root, os.path.expanduser(image))  # an absolute path stays
+                image = os.path.join(image_root, image)  # an absolute path stays: confine() judges it
             rows.append(
                 Row(
                     key=(cell(row, "key") or "").strip() or str(r),

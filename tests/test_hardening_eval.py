@@ -1,0 +1,44 @@
+"""launch/eval.py on a full disk (issue 22, #7): the table is printed, no partial file is left, exit 1.
+
+The disk is "full" for the output directory only: a sitecustomize in the
+child process makes every rename into it fail with ENOSPC, as a write to a
+full disk does (the atomic writer writes a temporary sibling, then renames).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_FULL_DISK = """
+import errno, os
+_replace = os.replace
+
+def replace(src, dst, *args, **kwargs):
+    if os.fspath(dst).startswith(os.environ["FULL_DISK_UNDER"]):
+        raise OSError(errno.ENOSPC, "No space left on device", os.fspath(dst))
+    return _replace(src, dst, *args, **kwargs)
+
+os.replace = replace
+"""
+
+
+def test_eval_on_a_full_disk_prints_the_table_leaves_no_partial_file_and_exits_1(tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    out = tmp_path / "out"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_FULL_DISK)
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               FULL_DISK_UNDER=str(out))  # fmt: skip
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "eval.py"), f"--model={workdir}",
+           "--tasks=demo_color", f"--output_dir={out}", "--batch_size=16"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert any(line.startswith("| model") for line in run.stdout.splitlines())  # the results, shown first
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in run.stderr
+    assert [f for f in os.listdir(out) if not f.startswith(".")] == []  # no 0-byte or partial JSON
