@@ -132,6 +132,7 @@ def test_launch_eval_writes_the_table_benchmark_files_and_eval_jsonl(tiny_run, d
     header = next(line for line in table if line.startswith("| model"))
     assert header.split(" | ")[1:3] == ["Flickr I2T R@1", "Flickr T2I R@1"]  # the paper's column order
     assert "folder_colours linear probe" in header and "img/s" in out.stderr  # tqdm's rate
+    assert "nan" not in out.stdout  # a task whose images another task embedded prints no rate of NaN
     files = sorted(os.listdir(tmp_path / "out"))
     assert files == sorted(f"{k}.json" for k in ("demo_color", "demo_retrieval", "folder_colours",
                                                 "flickr30k", "linear_probe_folder_colours"))  # fmt: skip

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _FULL_DISK = """
@@ -42,3 +44,44 @@ def test_eval_on_a_full_disk_prints_the_table_leaves_no_partial_file_and_exits_1
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in run.stderr
     assert [f for f in os.listdir(out) if not f.startswith(".")] == []  # no 0-byte or partial JSON
+
+
+# --- evaluation folders and flags (issue 22, #18) --------------------------------------------------
+
+
+def test_an_empty_class_folder_is_refused_naming_it(tmp_path):
+    from PIL import Image
+
+    from veclip_jax.eval.datasets import DatasetError, image_folder
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat" / "1.png")
+    with pytest.raises(DatasetError, match=r"class folder\(s\) dog .* hold no images"):
+        image_folder(str(tmp_path))
+
+
+def test_a_probe_whose_hold_out_leaves_one_class_blames_the_hold_out():
+    import numpy as np
+
+    from veclip_jax.eval.linear_probe import linear_probe
+
+    x = np.eye(2, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"holding out 50% .* left one class to fit"):
+        linear_probe(x, np.array([0, 1]), x, np.array([0, 1]), 2, val_fraction=0.5)
+    with pytest.raises(ValueError, match="images of one class"):
+        linear_probe(x, np.array([1, 1]), x, np.array([0, 1]), 2)
+
+
+def test_two_tasks_with_one_result_name_are_refused():
+    from veclip_jax.eval.run import task_entries
+
+    with pytest.raises(ValueError, match=r"'folder:/a/test' and 'folder:/b/test' both name their results"):
+        task_entries(["folder:/a/test", "folder:/b/test"], None)
+
+
+def test_a_zero_batch_size_names_the_flag(tiny_run):
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "eval.py"), f"--model={tiny_run[0]}",
+           "--batch_size=0"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: --batch_size=0")

@@ -76,3 +76,84 @@ def test_launch_script_is_thin(tmp_path):
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "srun --kill-on-bad-exit=1 python launch/train.py" in proc.stdout
+
+
+def _sbatch_argv(script: str) -> list[str]:
+    """The #SBATCH header as sbatch reads it: a port of src/sbatch/opt.c `_get_argument` (SLURM 18+).
+
+    Quotes (' or ") group, a backslash escapes the next character even inside
+    quotes, an unquoted # starts a comment; the header ends at the first line
+    that is neither a comment nor blank.
+    """
+    argv: list[str] = []
+    for line in script.split("\n")[1:]:
+        if line.strip() and not line.startswith("#"):
+            break  # sbatch stops reading directives at the first command
+        if not line.startswith("#SBATCH"):
+            continue
+        rest, i = line[len("#SBATCH") :], 0
+        while i < len(rest):
+            while i < len(rest) and rest[i].isspace():
+                i += 1
+            arg, quote, escaped = "", "", False
+            while i < len(rest) and (quote or not rest[i].isspace()):
+                c = rest[i]
+                i += 1
+                if escaped:
+                    escaped = False
+                elif c == "\\":
+                    escaped = True
+                    continue
+                elif quote:
+                    if c == quote:
+                        quote = ""
+                        continue
+                elif c in "'\"":
+                    quote = c
+                    continue
+                elif c == "#":
+                    i = len(rest)
+                    break
+                arg += c
+            assert not quote, f"unmatched quote in {line!r}"
+            if arg:
+                argv.append(arg)
+    return argv
+
+
+def test_header_values_are_quoted_as_sbatch_reads_them(tmp_path):
+    chdir = tmp_path / "my repo #1"
+    (chdir / "configs").mkdir(parents=True)
+    (chdir / "configs" / "vecap200m_b16.py").write_text("")
+    odd = "a b'c\"d\\e#f$(touch x)"
+    assert slurm.main(_args(tmp_path, f"--chdir={chdir}", f"--partition={odd}", f"--account={odd}",
+                            "--time=1-00:00:00", "--dry_run")) == 0  # fmt: skip
+    script = (tmp_path / "job.sbatch").read_text()
+    argv = _sbatch_argv(script)
+    assert f"--chdir={chdir}" in argv and f"--partition={odd}" in argv and f"--account={odd}" in argv
+    assert f"--output={tmp_path}/logs/%x-%j.out" in argv and "--time=1-00:00:00" in argv
+    assert argv[-1] == f"--account={odd}" and len(argv) == 13  # every directive read, none added
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
+
+
+def test_a_newline_in_any_value_is_refused_and_nothing_runs(tmp_path, capsys):
+    for flag in ["--job_name", "--partition", "--account", "--time", "--signal", "--chdir", "--workdir",
+                 "--config", "--venv", "--log_dir"]:  # fmt: skip
+        assert slurm.main(_args(tmp_path, f"{flag}=x\ntouch {tmp_path}/pwned", "--dry_run")) == 2, flag
+        assert f"{flag}: control character '\\n'" in capsys.readouterr().err, flag
+    assert slurm.main([*_args(tmp_path, "--dry_run"), "--", "--config.seed=1\r"]) == 2
+    assert "control character '\\r'" in capsys.readouterr().err
+    assert not (tmp_path / "job.sbatch").exists() and not (tmp_path / "pwned").exists()
+
+
+def test_a_job_name_that_is_a_path_is_refused(tmp_path, capsys):
+    logs = tmp_path / "deep" / "logs"
+    for name in ["../../x", "a/b", "..", ".hidden", "x y", ""]:
+        args = ["--nodes=1", "--config=configs/vecap200m_b16.py", "--workdir=/w", f"--log_dir={logs}",
+                f"--job_name={name}", "--dry_run"]  # fmt: skip
+        assert slurm.main(args) == 2, name
+        assert "--job_name" in capsys.readouterr().err
+    assert not (tmp_path / "x.sbatch").exists() and not logs.exists()
+    assert slurm.main(["--nodes=1", "--config=configs/vecap200m_b16.py", "--workdir=/w", f"--log_dir={logs}",
+                       "--job_name=clip-b16_v2.1", "--dry_run"]) == 0  # fmt: skip
+    assert os.listdir(logs) == ["clip-b16_v2.1.sbatch"]

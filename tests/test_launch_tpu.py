@@ -40,7 +40,10 @@ FAKE_GCLOUD = textwrap.dedent('''\
         return open(state_file).read() if os.path.exists(state_file) else None
     def write(s):
         open(state_file, "w").write(s)
-    if "queued-resources" in argv:
+    if argv[:3] == ["config", "get-value", "project"]:  # unset: gcloud prints (unset) on stderr
+        project = os.environ.get("FAKE_GCLOUD_PROJECT")
+        print(project) if project else print("(unset)", file=sys.stderr)
+    elif "queued-resources" in argv:
         verb = argv[argv.index("queued-resources") + 1]
         if verb == "create":
             if read() is not None:
@@ -125,7 +128,7 @@ def test_startup_installs_pinned_project_checks_devices_then_trains():
     pins = (REPO / "requirements.txt").read_text().splitlines()
     jax_pin = next(line for line in pins if line.startswith("jax=="))
     assert lines[0] == "set -euo pipefail"  # a failed step (device check: exit 2) stops the script
-    order = ["git clone -q https://x/veclip.git", "git checkout -q --force abc123", "pip install -q -r",
+    order = ["git clone -q -- https://x/veclip.git", "git checkout -q --force abc123 --", "pip install -q -r",
              "pip install -q --no-deps -e .", f'pip install -q "jax[tpu]=={jax_pin[5:]}"',
              "python launch/tpu.py check-devices --hardware=tpu-v5p-256",
              "python launch/train.py"]  # fmt: skip
@@ -217,3 +220,56 @@ def test_run_watch_looks_again_when_ssh_drops_before_the_state_changes(fake_gclo
     fake_gcloud.state.unlink()
     fake_gcloud.plays({"rc": 0}, {"rc": 0}, {"rc": 255})  # ssh fails on a slice that stays ACTIVE
     assert tpu.main(["run", *COMMON, "--watch", "--poll_s=0"], sleep=lambda s: None) == 255
+
+
+def test_the_name_reaches_the_workers_only_as_a_resource_name(fake_gcloud, capsys):
+    for name in ["x; touch /tmp/pwned", "x$(id)", "-x", "X", "a" * 64, "x\n"]:
+        for action in ("run", "logs", "create"):
+            assert tpu.main([action, *COMMON, f"--name={name}", "--dry_run"]) == 2, (action, name)
+            assert "--name" in capsys.readouterr().err
+    assert fake_gcloud.log() == []
+    with pytest.raises(tpu.UserError, match="--name"):  # the script refuses it too, whoever built the Job
+        tpu.startup_script(Job(**{**B16, "name": "x;id"}, repo="R", commit="C"))
+    assert Job(**{**B16, "name": "x;id"}).log_file == "~/veclip-logs/'x;id.log'"  # quoted all the same
+    assert tpu.main(["logs", *COMMON, "--dry_run"]) == 0
+    assert capsys.readouterr().out.strip().endswith("'--command=tail -n 200 ~/veclip-logs/veclip-b16.log'")
+
+
+def test_repo_and_commit_cannot_be_read_as_git_options(fake_gcloud, capsys):
+    for flag in ("--repo=--upload-pack=touch /tmp/pwned", "--commit=--orphan=x", "--commit=-p"):
+        assert tpu.main(["run", *COMMON, flag, "--dry_run"]) == 2, flag
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag.split('=')[0]}=") and "read as an option" in err, err
+    lines = tpu.startup_script(Job(**B16, repo="https://x/v.git", commit="abc123")).splitlines()
+    clone = next(line for line in lines if "git clone" in line)
+    assert "git clone -q -- https://x/v.git ~/veclip-jax" in clone  # `--`: the URL is never an option
+    checkout = next(line for line in lines if "git checkout" in line)
+    assert checkout.endswith("git checkout -q --force abc123 --")  # `--`: a revision, never a path
+    assert fake_gcloud.log() == []
+
+
+@pytest.mark.parametrize("accelerator", ["v5p-256\n", "v5p-256 ", "v5p-256\nid", " v5p-256", "V5P-256"])
+def test_an_accelerator_is_matched_in_full(accelerator, capsys):
+    assert tpu.main(["create", *COMMON, f"--accelerator={accelerator}", "--dry_run"]) == 2
+    assert "--accelerator" in capsys.readouterr().err
+
+
+def test_project_defaults_to_gclouds_configured_project(fake_gcloud, monkeypatch, capsys):
+    no_project = [a for a in COMMON if not a.startswith("--project")]
+    monkeypatch.setenv("FAKE_GCLOUD_PROJECT", "from-config")
+    assert tpu.main(["status", *no_project]) == 0
+    out = capsys.readouterr()
+    assert out.out == "NOT_FOUND\n" and "--project=from-config (gcloud's configured project)" in out.err
+    log = fake_gcloud.log()
+    assert log[0] == ["config", "get-value", "project"] and "--project=from-config" in log[1]
+    assert tpu.main(["create", *no_project, "--dry_run"]) == 0  # a dry run reads the setting too
+    assert "--project=from-config" in capsys.readouterr().out
+    monkeypatch.delenv("FAKE_GCLOUD_PROJECT")
+    assert tpu.main(["create", *no_project]) == 2
+    assert "--project: not given, and gcloud has no configured project" in capsys.readouterr().err
+    assert [_verb(a) if "config" not in a else "config" for a in fake_gcloud.log()].count("create") == 0
+    assert tpu.main(["create", *no_project, "--dry_run"]) == 0  # a dry run shows where it would go
+    assert "--project=PROJECT" in capsys.readouterr().out
+    monkeypatch.setenv("PATH", "/nonexistent")  # no gcloud at all: the same one line
+    assert tpu.main(["create", *no_project]) == 2
+    assert "--project: not given" in capsys.readouterr().err

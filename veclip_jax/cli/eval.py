@@ -22,6 +22,8 @@ import sys
 
 from absl import app, flags
 
+from veclip_jax.errors import UserError
+
 _MODEL = flags.DEFINE_string("model", None, "A workdir, checkpoint or HF CLIP directory.")
 _TASKS = flags.DEFINE_list("tasks", [], "Comma-separated task names (default: the workdir's config.evals).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "Root of the datasets (TFDS data_dir, coco/, flickr30k/).")
@@ -38,6 +40,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _MODEL.value:
         raise app.UsageError("--model is required, e.g. --model=workdir/demo")
+    if _BATCH.value < 1:
+        print(f"error: --batch_size={_BATCH.value}: must be >= 1 (images or texts per encoding batch)",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     from absl import logging as absl_logging
 
     absl_logging.get_absl_handler().setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
@@ -55,12 +61,13 @@ def main(argv: list[str]) -> None:
             _MODEL.value, _TASKS.value, data_dir=_DATA_DIR.value, output_dir=_OUTPUT_DIR.value,
             batch_size=_BATCH.value, tokenizer=_TOKENIZER.value, step=_STEP.value, max_examples=_MAX.value,
         )  # fmt: skip
-    except (DatasetError, FileNotFoundError, ValueError) as e:
+    except (UserError, DatasetError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if jax.process_index() == 0:
         for key, rate in out.images_per_sec.items():
-            print(f"{key}: {rate:.0f} images/s embedding")
+            if rate == rate:  # NaN: the task's images were embedded by another task (shared)
+                print(f"{key}: {rate:.0f} images/s embedding")
         print(out.table)
         from veclip_jax.eval.tokenwise import DESCRIPTION
 

@@ -15,6 +15,7 @@ re-submitted) script runs the same command, which resumes from the workdir.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
@@ -34,26 +35,63 @@ def hardware_name(nodes: int, gpus_per_node: int, gpu: str = "h100") -> str:
     return name
 
 
+# A job name becomes the script's file name (LOG_DIR/JOB_NAME.sbatch) and SLURM's %x in the log's:
+# a plain name, so that it cannot name a path outside --log_dir.
+_JOB_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+# Values sbatch reads as they are in an #SBATCH line (what shlex also leaves unquoted).
+_SBATCH_PLAIN = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
+
+
+def check_fields(args: argparse.Namespace, overrides: Sequence[str]) -> None:
+    """UserError for a value the script cannot hold: a control character anywhere, a job name that is a path.
+
+    A newline in a header value would end its `#SBATCH` line: the rest would
+    run as a command (or end the header, dropping every later directive).
+    """
+    fields = [(f"--{k}", v) for k, v in vars(args).items() if isinstance(v, str)]
+    fields += [(f"override {o!r}", o) for o in overrides]
+    for name, value in fields:
+        bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            raise UserError(f"{name}: control character {bad!r} (a newline would end the script's line)")
+    if not _JOB_NAME.fullmatch(args.job_name) or args.job_name in (".", ".."):
+        raise UserError(f"--job_name={args.job_name!r}: a plain name (letters, digits, _ . + -; no path)")
+
+
+def sbatch_quote(value: str) -> str:
+    """`value` as sbatch reads one #SBATCH argument: double quotes, `\\` and `"` escaped.
+
+    Not shlex.quote: sbatch's own parser (src/sbatch/opt.c `_get_argument`)
+    reads a backslash as an escape even inside quotes, and older SLURM knows
+    only double quotes; an unquoted `#` would start a comment.
+    """
+    if _SBATCH_PLAIN.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def sbatch_script(args: argparse.Namespace, overrides: Sequence[str]) -> str:
     """The batch script: SBATCH header, then one srun of the trainer, one process per GPU."""
+    check_fields(args, overrides)
     hardware = hardware_name(args.nodes, args.gpus_per_node, args.gpu)
+    q = sbatch_quote
     header = [
         f"--job-name={args.job_name}",
         f"--nodes={args.nodes}",
         f"--ntasks-per-node={args.gpus_per_node}",
         f"--gpus-per-node={args.gpus_per_node}",
         f"--cpus-per-task={args.cpus_per_task}",
-        f"--time={args.time}",
-        f"--chdir={args.chdir}",
-        f"--output={Path(args.chdir) / args.log_dir}/%x-%j.out",
+        f"--time={q(args.time)}",
+        f"--chdir={q(args.chdir)}",
+        f"--output={q(f'{Path(args.chdir) / args.log_dir}/%x-%j.out')}",
         "--open-mode=append",  # a requeued job appends to the same log
-        f"--signal={args.signal}",
+        f"--signal={q(args.signal)}",
         "--requeue" if args.requeue else "--no-requeue",
     ]
     if args.partition:
-        header.append(f"--partition={args.partition}")
+        header.append(f"--partition={q(args.partition)}")
     if args.account:
-        header.append(f"--account={args.account}")
+        header.append(f"--account={q(args.account)}")
     train = ["python", "launch/train.py", f"--config={args.config}", f"--workdir={args.workdir}",
              "--distributed", f"--config.hardware={hardware}", *overrides]  # fmt: skip
     lines = ["#!/bin/bash", f"# veclip-jax: {args.config} on {args.nodes} x {args.gpus_per_node} GPUs"]
@@ -100,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv, overrides = argv[:at], argv[at + 1 :]
     args = build_parser().parse_args(argv)
     try:
+        check_fields(args, overrides)  # first: the messages below print these values
         if args.nodes < 1 or args.gpus_per_node < 1:
             raise UserError("--nodes and --gpus_per_node: at least 1")
         if not (Path(args.chdir) / args.config.split(":")[0]).is_file():

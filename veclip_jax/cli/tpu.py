@@ -1,7 +1,7 @@
 """Cloud TPU pods: create a queued resource, run the trainer on every worker, survive preemption.
 
   python launch/tpu.py create|run|status|logs|delete --name=NAME --accelerator=v5p-256 \
-      --zone=ZONE --project=PROJECT [--spot|--reserved] [--num_slices=N] \
+      --zone=ZONE [--project=PROJECT] [--spot|--reserved] [--num_slices=N] \
       --config=configs/X.py --workdir=gs://BUCKET/run [--watch] [--dry_run] [-- trainer overrides]
 
 Everything goes through `gcloud` (queued resources, then `tpu-vm ssh --worker=all`), as big_vision
@@ -11,7 +11,8 @@ matching the pinned jax, checks that the devices JAX sees are the accelerator th
 (exit 2 otherwise), then runs `launch/train.py --distributed`. A re-run of the same command resumes
 from the workdir (the trainer resumes from its newest checkpoint), so `run --watch` handles a
 preempted spot pod by deleting the queued resource, re-creating it and re-running the command.
-`--dry_run` prints every command instead of running it. Run it from a checkout (it reads
+`--dry_run` prints every command instead of running it (it only reads gcloud's configured project
+when --project is not given, once, as every command then names it). Run it from a checkout (it reads
 requirements.txt, the config file and the commit from there); the workers clone `--repo`.
 """
 
@@ -48,6 +49,10 @@ SSH_LOST = 255  # ssh's own exit code: the connection failed or dropped (a VM go
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout: veclip_jax/cli/tpu.py -> .
 # Packages of requirements.txt that a TPU VM must not install: torch (export checks only) pulls CUDA.
 _SKIP_ON_TPU = ("torch",)
+# Cloud's resource names (lowercase letter first, at most 63): the name is an argument to gcloud and
+# part of a path in the workers' script, so nothing else is let through.
+_RESOURCE_NAME = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
+_ACCELERATOR = re.compile(r"[a-z][a-z0-9]*-[0-9]+")  # v5p-256, v5litepod-16, ...
 
 
 @dataclasses.dataclass
@@ -87,8 +92,34 @@ class Job:
 
     @property
     def log_file(self) -> str:
-        """Where each worker appends the trainer's console output (on the TPU VM's disk)."""
-        return f"~/veclip-logs/{self.name}.log"
+        """Where each worker appends the trainer's console output (on the TPU VM's disk), shell-quoted."""
+        return "~/veclip-logs/" + shlex.quote(f"{self.name}.log")  # ~ outside the quotes: expanded
+
+    def check(self) -> None:
+        """UserError naming a field that gcloud or the workers' git could read as something else.
+
+        A control character (a newline ends the workers' script line) anywhere; a
+        name that is not a Cloud resource name; an accelerator not in Cloud's
+        form (`$`-anchored matching let a trailing newline through); a --repo
+        or --commit starting with '-', which git would take for an option.
+        """
+        fields = {"name": self.name, "accelerator": self.accelerator, "zone": self.zone,
+                  "project": self.project, "config": self.config, "workdir": self.workdir,
+                  "repo": self.repo, "commit": self.commit}  # fmt: skip
+        fields |= {f"override {o!r}": o for o in self.overrides}
+        for field, value in fields.items():
+            bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+            if bad is not None:
+                name = field if field.startswith("override") else f"--{field}"
+                raise UserError(f"{name}: control character {bad!r}")
+        if not _RESOURCE_NAME.fullmatch(self.name):
+            raise UserError(f"--name={self.name!r}: a Cloud resource name (lowercase letters, digits and "
+                            "'-', a letter first, at most 63)")  # fmt: skip
+        if not _ACCELERATOR.fullmatch(self.accelerator):
+            raise UserError(f"--accelerator={self.accelerator!r}: a Cloud TPU type such as v5p-256")
+        for field in ("repo", "commit", "zone", "project"):
+            if getattr(self, field).startswith("-"):
+                raise UserError(f"--{field}={getattr(self, field)!r}: starts with '-' (read as an option)")
 
 
 def _where(job: Job) -> list[str]:
@@ -151,6 +182,7 @@ def startup_script(job: Job) -> str:
     pip makes the second install a no-op. One line per step, joined with newlines: `set -e` stops
     at the first failure and the ssh exit code is that step's (2 for the device check).
     """
+    job.check()  # the script runs as the job's user on every worker: nothing in it may be code
     skip = "|".join(_SKIP_ON_TPU)
     jax_version = pinned_version("jax")
     q = shlex.quote
@@ -158,9 +190,10 @@ def startup_script(job: Job) -> str:
         "set -euo pipefail",
         f"command -v {job.python} >/dev/null || "
         f"(sudo apt-get update -qq && sudo apt-get install -y -qq {job.python} {job.python}-venv)",
-        f"if [ ! -d ~/veclip-jax/.git ]; then git clone -q {q(job.repo)} ~/veclip-jax; fi",
+        f"if [ ! -d ~/veclip-jax/.git ]; then git clone -q -- {q(job.repo)} ~/veclip-jax; fi",
         "cd ~/veclip-jax",
-        f"git fetch -q origin && git checkout -q --force {q(job.commit)}",
+        # the trailing `--`: the commit is a revision, never a path (a leading '-' is refused by check)
+        f"git fetch -q origin && git checkout -q --force {q(job.commit)} --",
         f"[ -x ~/veclip-venv/bin/python ] || {job.python} -m venv ~/veclip-venv",
         "source ~/veclip-venv/bin/activate",
         f'grep -vE "^({skip})==" requirements.txt > /tmp/veclip-requirements.txt',
@@ -291,6 +324,23 @@ def check_devices_main(hardware: str, distributed: bool = True, devices: Sequenc
     return 0
 
 
+def gcloud_project() -> str:
+    """gcloud's configured project (`gcloud config get-value project`), '' when unset or no gcloud.
+
+    What gcloud itself would use without --project (the core/project property,
+    or CLOUDSDK_CORE_PROJECT): read once, so that every command of a long
+    `run --watch` names the same project even if the configuration changes.
+    """
+    try:
+        proc = subprocess.run(["gcloud", "config", "get-value", "project"], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    lines = proc.stdout.strip().splitlines()
+    value = lines[-1].strip() if proc.returncode == 0 and lines else ""
+    return "" if value == "(unset)" else value
+
+
 def _git(*args: str) -> str:
     """A read-only git query about this checkout ('' when it fails)."""
     proc = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True)
@@ -303,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="queued resource (and TPU VM) name")
     p.add_argument("--accelerator", default="v5p-256", help="Cloud accelerator type (v4-512, v5p-256, ...)")
     p.add_argument("--zone")
-    p.add_argument("--project")
+    p.add_argument("--project", help="default: gcloud's configured project (gcloud config get-value project)")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--spot", action="store_true", help="spot capacity: cheaper, can be preempted")
     kind.add_argument("--reserved", action="store_true", help="the project's reservation")
@@ -339,12 +389,19 @@ def main(argv: Sequence[str] | None = None, sleep: Callable[[float], None] = tim
     try:
         if args.action == "check-devices":
             return check_devices_main(args.hardware, distributed=not args.no_distributed)
-        _required(args, "name", "zone", "project")
+        _required(args, "name", "zone")
+        if not args.project:
+            args.project = gcloud_project() or ("PROJECT" if args.dry_run else "")
+            if not args.project:
+                raise UserError("--project: not given, and gcloud has no configured project "
+                                "(gcloud config set project ID)")  # fmt: skip
+            print(f"[veclip-tpu] --project={args.project} (gcloud's configured project)", file=sys.stderr)
         if args.num_slices < 1:
             raise UserError(f"--num_slices={args.num_slices}: at least 1")
         job = Job(args.name, args.accelerator, args.zone, args.project, args.config or "",
                   args.workdir or "", spot=args.spot, reserved=args.reserved, num_slices=args.num_slices,
                   overrides=tuple(overrides))  # fmt: skip
+        job.check()
         if job.parsed.platform != "tpu" or job.parsed.generation not in RUNTIME_VERSIONS:
             known = ", ".join(RUNTIME_VERSIONS)
             raise UserError(f"--accelerator={args.accelerator}: not a Cloud TPU type ({known}-N)")
@@ -367,6 +424,7 @@ def main(argv: Sequence[str] | None = None, sleep: Callable[[float], None] = tim
         job.commit = args.commit or _git("rev-parse", "HEAD") or ("COMMIT" if args.dry_run else "")
         if not job.repo or not job.commit:
             raise UserError("--repo/--commit: this checkout has no origin remote or commit; pass them")
+        job.check()
         if not args.dry_run and not args.commit and _git("status", "--porcelain", "--untracked-files=no"):
             print(f"[veclip-tpu] warning: uncommitted changes; the workers run commit {job.commit[:12]}",
                   file=sys.stderr)  # fmt: skip

@@ -160,6 +160,14 @@ def image_folder(root: str, split: str = "") -> ClassificationData:
                     labels.append(label)
     if not paths:
         raise DatasetError(f"folder:{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) under {d}")
+    # A class without images would still take a place among the zero-shot classes (and shift the
+    # chance level): refused, as torchvision's ImageFolder refuses it.
+    empty = [name for label, name in enumerate(classes) if label not in set(labels)]
+    if empty:
+        raise DatasetError(
+            f"folder:{root}: class folder(s) {', '.join(empty)} under {d} hold no images "
+            f"({', '.join(IMAGE_EXTENSIONS)}): remove them or add their images"
+        )
     names = [readable(c) for c in classes]
     templates = None
     for where in dict.fromkeys([d, root]):  # the split's folder first, then the tree's root

@@ -70,7 +70,16 @@ def linear_probe(
 ) -> tuple[dict[str, float], float]:
     """(CLIP_benchmark's lp_* metrics on the test split, the chosen C); see the module doc."""
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    if len(np.unique(train_y)) < 2:
+        raise ValueError(f"the linear probe's training split has {len(train_y)} images of one class: a "
+                         "classifier needs at least two")  # fmt: skip
     fit_rows, val_rows = split_validation(train_y, val_fraction, seed)
+    if len(np.unique(train_y[fit_rows])) < 2:  # the data has classes enough; the hold-out took them
+        raise ValueError(
+            f"holding out {val_fraction:.0%} of the linear probe's {len(train_y)} training images to "
+            f"choose C left one class to fit ({np.bincount(train_y).max()} images in its largest class): "
+            "give the probe more training images per class"
+        )
     cache: dict[float, float] = {}
 
     def val_acc(log_c: float) -> float:

@@ -76,12 +76,15 @@ def task_entries(names: Sequence[str], run_config: Mapping[str, Any] | None) -> 
         if not evals:
             raise ValueError("no --tasks given, and the model has no config.evals to run")
         names = list(evals)
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
+    given: dict[str, str] = {}  # key -> the name that gave it
     for n in names:
-        if n in evals:
-            out[n] = dict(evals[n])
-        else:
-            out[registry.task_key(n)] = registry.standard_task(n)
+        key = n if n in evals else registry.task_key(n)
+        if key in given:  # e.g. folder:/a/test and folder:/b/test: one result file would overwrite the other
+            raise ValueError(f"--tasks: {given[key]!r} and {n!r} both name their results {key!r}; "
+                             "evaluate them in separate runs (or rename a folder)")  # fmt: skip
+        given[key] = n
+        out[key] = dict(evals[n]) if n in evals else registry.standard_task(n)
     return out
 
 

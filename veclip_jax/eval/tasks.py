@@ -278,7 +278,10 @@ class LinearProbe(Task):
 
     def run(self, params: Any) -> dict[str, float]:
         train_x, train_y = self.embed(params, self.train, "train images")
+        rate = self.images_per_sec
         test_x, test_y = self.embed(params, self.test, "test images")
+        if self.images_per_sec != self.images_per_sec:  # the test images were another task's (cached)
+            self.images_per_sec = rate
         e = self.entry
         metrics, c = linear_probe(
             train_x, train_y, test_x, test_y, len(self.test.classnames),

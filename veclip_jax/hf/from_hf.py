@@ -20,6 +20,7 @@ import numpy as np
 from veclip_jax import defaults
 from veclip_jax.data.image_ops import CLIP_MEAN, CLIP_STD, EvalPreprocess
 from veclip_jax.data.tokenizer import HFTokenizer, Tokenizer, is_hf_tokenizer_dir
+from veclip_jax.errors import UserError
 from veclip_jax.hf import WEIGHTS
 from veclip_jax.objectives.model import abstract_params, build
 
@@ -127,7 +128,6 @@ def is_hf_clip_dir(path: str) -> bool:
     parse error (unless the directory is a workdir of ours, whose config.json
     is only informative): a damaged HF directory is not "no model here".
     """
-    from veclip_jax.errors import UserError
     from veclip_jax.run.workdir import CHECKPOINTS
 
     path = os.path.expanduser(path)
@@ -144,26 +144,74 @@ def is_hf_clip_dir(path: str) -> bool:
     return isinstance(data, dict) and data.get("model_type") == "clip"
 
 
-def load_hf_state_dict(path: str) -> dict[str, np.ndarray]:
-    """The tensors of a HF model directory: model.safetensors, or the shards its index names."""
-    from safetensors.numpy import load_file
+class HFWeightsError(UserError, ValueError):
+    """A HF directory's weights that cannot be read: the file or index entry named (exit 2).
 
+    Also a ValueError, as the eval command line reports those in one line.
+    """
+
+
+def load_hf_state_dict(path: str) -> dict[str, np.ndarray]:
+    """The tensors of a HF model directory: model.safetensors, or the shards its index names.
+
+    UserError (naming the file or the index entry) for an index that is not
+    JSON with a weight_map, an entry that is not a safetensors file name in
+    this directory, or a file safetensors cannot read.
+    """
     path = os.path.expanduser(path)
     single = os.path.join(path, WEIGHTS)
     index = os.path.join(path, WEIGHTS + ".index.json")
     if os.path.exists(single):
-        return load_file(single)
+        return _load_safetensors(single)
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # also UnicodeDecodeError
+            raise HFWeightsError(f"{index}: not a safetensors index (JSON with a weight_map; {e!r})") from e
+        for name in files:
+            _check_shard_name(index, name)
         out: dict[str, np.ndarray] = {}
         for name in files:
-            out.update(load_file(os.path.join(path, name)))
+            out.update(_load_safetensors(os.path.join(path, name), index=index))
         return out
     raise FileNotFoundError(
         f"no {WEIGHTS} in {path} (PyTorch .bin checkpoints are not read: re-save it with "
         "CLIPModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True))"
     )
+
+
+def _check_shard_name(index: str, name: Any) -> None:
+    """UserError unless an index entry is a bare `*.safetensors` file name (beside the index).
+
+    What transformers writes (model-00001-of-00002.safetensors): a name with a
+    directory part (`../`, an absolute path, `sub/`) could reach any file the
+    user can read, so it is refused rather than resolved. The file itself may
+    be a symlink (a HF hub cache's snapshot links every file to ../../blobs/).
+    """
+    if not isinstance(name, str) or not name.endswith(".safetensors"):
+        raise HFWeightsError(f"{index}: weight_map entry {name!r} is not a .safetensors file (only "
+                             "safetensors shards are read: re-save with save_pretrained(dir, "
+                             "safe_serialization=True))")  # fmt: skip
+    if os.path.basename(name) != name:
+        where = os.path.dirname(index)
+        raise HFWeightsError(f"{index}: weight_map entry {name!r} is not a file name in {where} "
+                             "(a shard outside the model directory is never read)")  # fmt: skip
+
+
+def _load_safetensors(file: str, index: str | None = None) -> dict[str, np.ndarray]:
+    """A safetensors file's tensors; UserError naming it when it is missing or not safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    named = f" (named by {index})" if index else ""
+    try:
+        return load_file(file)
+    except OSError as e:  # missing, a directory, unreadable
+        raise HFWeightsError(f"{file}{named}: {e.strerror or e}") from None
+    except SafetensorError as e:
+        raise HFWeightsError(f"{file}{named}: not a safetensors file ({e})") from None
 
 
 def check_same_model(hf_dir: str, model_cfg: Any) -> None:

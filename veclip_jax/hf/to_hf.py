@@ -12,7 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
+import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -151,6 +154,63 @@ def hf_config(model_cfg: Any) -> Any:
     return cfg
 
 
+def _host() -> str:
+    """This host's name as it may appear in a file name (no separators)."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+
+
+def _temp_prefix(out: str) -> str:
+    """The temporary directory of an export to `out`: `.NAME.export-HOST-PID.` + mkdtemp's 8 characters."""
+    return f".{os.path.basename(out)}.export-{_host()}-{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process `pid` runs here; True when unsure (a temporary is then kept, not removed)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's live process (EPERM), a pid out of range
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: str) -> list[str]:
+    """Removes the temporaries of earlier exports to `out` that were killed; returns their paths.
+
+    Only ours (named as `_temp_prefix` names them, a directory, owned by this
+    user) and only when their writer is gone: written on this host by a
+    process that no longer runs. A temporary of another host (a shared
+    filesystem) or of a live export is left alone, as is one of an older
+    version (no host and pid in its name: only logged).
+    """
+    parent, base = os.path.split(out)
+    ours = re.compile(rf"\.{re.escape(base)}\.export-(.+)-([1-9][0-9]*)\.[a-z0-9_]{{8}}")
+    older = re.compile(rf"\.{re.escape(base)}\.[a-z0-9_]{{8}}")
+    try:
+        names = os.listdir(parent or ".")
+    except OSError:
+        return []
+    removed = []
+    for name in sorted(names):
+        path = os.path.join(parent, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        m = ours.fullmatch(name)
+        if m and m.group(1) == _host() and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning("export: removed %s, left by an export that was killed (pid %s)", path, m.group(2))
+            removed.append(path)
+        elif older.fullmatch(name):
+            log.warning("export: %s may be left by a killed export of an earlier version: remove it if no "
+                        "export to %s is running", path, out)  # fmt: skip
+    return removed
+
+
 def _publish_permissions(directory: str) -> None:
     """mkdtemp makes a private (0700) directory: give it and its files the usual umask permissions."""
     umask = os.umask(0)
@@ -190,8 +250,10 @@ def save_hf_directory(
     as `veclip_objective`, with `veclip_notes` where CLIPModel cannot do what
     the objective trained for (FILIP's token-wise similarity).
     Written into a temporary sibling and renamed into place, so `out` is never
-    left half-written. Refuses an existing `out` unless `force`, and even then
-    replaces only a directory that looks like an earlier export.
+    left half-written; the temporary names this host and process, so that a
+    later export to `out` removes what a killed one left. Refuses an existing
+    `out` unless `force`, and even then replaces only a directory that looks
+    like an earlier export.
     """
     import safetensors.numpy
     import transformers
@@ -200,7 +262,8 @@ def save_hf_directory(
     check_output(out, force=force)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+    remove_stale_temporaries(out)
+    tmp = tempfile.mkdtemp(prefix=_temp_prefix(out), dir=parent)
     try:
         cfg = hf_config(model_cfg)
         if objective != "clip":

@@ -19,6 +19,7 @@ directory: `run_path` is the one reading of such a path.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import filecmp
 import json
@@ -26,10 +27,11 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import time
 from typing import Any
 
-from veclip_jax.errors import ConfigError, WorkdirBusyError
+from veclip_jax.errors import ConfigError, UserError, WorkdirBusyError
 from veclip_jax.fileio import as_path, atomic_write_bytes, is_local, normalize
 
 CHECKPOINTS = "checkpoints"
@@ -157,7 +159,9 @@ class WorkdirLock:
     `fcntl.flock` on WORKDIR/.lock: the kernel releases it when the holder
     exits or dies (even by kill -9), so a stale lock from a dead process is
     simply taken over. The file records who holds it, for the message a second
-    trainer gets: WorkdirBusyError naming the host and pid (exit 2).
+    trainer gets: WorkdirBusyError naming the host and pid (exit 2). A lock
+    that is not a plain file of its own (a symlink, even dangling, a hard link,
+    a FIFO) is refused before anything is written to it (UserError, exit 2).
 
     On a remote workdir (gs://) the lock is best-effort: an object store has
     neither flock nor create-if-absent through epath, and a preempted pod
@@ -185,7 +189,7 @@ class WorkdirLock:
             lock.write_text(json.dumps(info))
             return self
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -199,6 +203,36 @@ class WorkdirLock:
         os.write(fd, json.dumps(info).encode())
         self._fd = fd
         return self
+
+    def _open(self) -> int:
+        """Opens (creating) the lock file, refusing anything but a plain file of its own.
+
+        The lock is truncated and written, so whoever can write a shared run
+        directory must not be able to point it elsewhere: O_NOFOLLOW refuses a
+        symlink (a dangling one is not followed to create its target), and a
+        FIFO, device, directory or hard link to another file is refused before
+        a byte is written (O_NONBLOCK/O_NOCTTY: opening one has no side effect).
+        """
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+        def refuse(what: str) -> UserError:
+            return UserError(f"{self.path} is not a plain lock file ({what}): remove it, or use another "
+                             "--workdir; nothing was written to it")  # fmt: skip
+
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise refuse("a symlink") from None
+            if e.errno == errno.EISDIR:
+                raise refuse("a directory") from None
+            raise UserError(f"{self.path}: cannot open the workdir's lock ({e.strerror})") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            what = "a hard link to another file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+            raise refuse(what)
+        return fd
 
     def release(self) -> None:
         if self._remote:
