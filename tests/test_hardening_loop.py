@@ -157,3 +157,45 @@ def test_a_mesh_that_does_not_divide_the_model_is_refused_before_the_workdir(
     with pytest.raises(loop.ConfigError, match=message):
         loop.train(config, str(workdir), devices=jax.devices()[:devices])
     assert not workdir.exists()  # refused before the workdir (and its lock) was made
+
+
+# --- the run's tokenizer (issue 22, #9 and #10) -----------------------------------------------------
+
+
+def test_a_junk_tokenizer_is_refused_before_it_enters_the_workdir(demo_cache, tmp_path):
+    from veclip_jax.data.demo import ensure_demo_data
+    from veclip_jax.data.tokenizer import TokenizerError
+
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a sentencepiece model")
+    workdir = tmp_path / "w"
+    config = _config(demo_cache, eval_every=0)
+    config.data.tokenizer = str(junk)
+    with pytest.raises(TokenizerError, match=f"not a sentencepiece model: {junk}"):
+        loop.train(config, str(workdir))
+    assert not (workdir / "spiece.model").exists()
+    config.data.tokenizer = ensure_demo_data(demo_cache).tokenizer  # the right one is not refused
+    assert loop.train(config, str(workdir), stop_after=1).step == 1
+
+
+def test_an_edited_hf_tokenizer_directory_is_refused_on_resume(tmp_path):
+    from veclip_jax.errors import ConfigError
+    from veclip_jax.run.workdir import keep_tokenizer
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    (tok / "model.safetensors").write_bytes(b"weights beside it are not the tokenizer's")
+    workdir = str(tmp_path / "w")
+    kept = keep_tokenizer(workdir, str(tok), writer=True)
+    assert sorted(os.listdir(kept)) == ["tokenizer.json"]
+    assert keep_tokenizer(workdir, str(tok), writer=True) == kept  # unchanged: accepted
+    (tok / "model.safetensors").write_bytes(b"other weights")  # not part of the tokenizer
+    keep_tokenizer(workdir, str(tok), writer=True)
+    (tok / "tokenizer.json").write_text('{"model": {"vocab": {"b": 0}}}')  # new ids
+    with pytest.raises(ConfigError, match="differs from the tokenizer this workdir was trained with"):
+        keep_tokenizer(workdir, str(tok), writer=True)
+    (tok / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    (tok / "added_tokens.json").write_text("{}")  # a file added
+    with pytest.raises(ConfigError, match="differs"):
+        keep_tokenizer(workdir, str(tok), writer=True)

@@ -28,11 +28,16 @@ import sentencepiece as spm
 
 from veclip_jax import fileio
 from veclip_jax.data import captions, records
+from veclip_jax.errors import UserError
 
 # T5's ids (and therefore VeCLIP's). Also the defaults of configs/base.py.
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
+
+
+class TokenizerError(UserError, ValueError):
+    """config.data.tokenizer is not a tokenizer this model can use (the message names it and why)."""
 
 
 class Tokenizer:
@@ -73,11 +78,11 @@ class Tokenizer:
         try:
             sp.LoadFromSerializedProto(proto)
         except Exception as e:
-            raise ValueError(f"not a sentencepiece model: {name}: {e}") from e
+            raise TokenizerError(f"not a sentencepiece model: {name}: {str(e).strip()}") from e
         # Checked up front: a model with other ids would train fine and then
         # export a checkpoint that pools the wrong token in transformers.
         if sp.pad_id() != pad_id or sp.eos_id() != eos_id:
-            raise ValueError(
+            raise TokenizerError(
                 f"sentencepiece model {name} has pad id {sp.pad_id()} and end-of-text id {sp.eos_id()}; "
                 f"the model config expects pad {pad_id} and end-of-text {eos_id} (T5's convention). "
                 "Train one with `python launch/make_tokenizer.py`, or use a T5 spiece.model."
@@ -157,9 +162,15 @@ class HFTokenizer:
         from transformers import AutoTokenizer
 
         self.directory = os.path.expanduser(os.fspath(directory))
-        self._tok = AutoTokenizer.from_pretrained(self.directory)
+        try:
+            self._tok = AutoTokenizer.from_pretrained(self.directory)
+        except Exception as e:  # transformers' errors for a directory it cannot read
+            why = (str(e).strip().splitlines() or [""])[0]
+            raise TokenizerError(
+                f"not a HF tokenizer directory: {self.directory}: {type(e).__name__}: {why}"
+            ) from e
         if self._tok.eos_token_id != eos_id:
-            raise ValueError(
+            raise TokenizerError(
                 f"tokenizer {self.directory} ends texts with id {self._tok.eos_token_id}, "
                 f"the model config expects end-of-text {eos_id} (model.text.eos_id)"
             )

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
-import filecmp
 import json
 import logging
 import os
@@ -104,11 +103,28 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in as_path(path).read_text().splitlines() if line.strip()]
 
 
+def _tokenizer_files(path: str, is_dir: bool) -> dict[str, bytes]:
+    """A tokenizer's files by name: the model file, or every file of a HF tokenizer directory but the
+    weights that may sit beside it (what keep_tokenizer copies)."""
+    root = as_path(path)
+    if not is_dir:
+        return {"": root.read_bytes()}
+    # A HF tokenizer directory is flat (tokenizer.json, its config, vocabularies): its files, by name.
+    files = [f for f in root.iterdir() if f.is_file() and not f.name.endswith(".safetensors")]
+    return {f.name: f.read_bytes() for f in files}
+
+
+def _same_tokenizer(kept: str, given: str, is_dir: bool) -> bool:
+    """Whether the workdir's tokenizer and the config's hold the same files with the same bytes."""
+    return _tokenizer_files(kept, is_dir) == _tokenizer_files(given, is_dir)
+
+
 def keep_tokenizer(workdir: str, tokenizer_path: str, *, writer: bool) -> str:
     """Keeps a copy of the run's tokenizer in the workdir (by the writing process); returns its path.
 
     A resumed run must use the tokenizer the workdir was trained with: a
-    different sentencepiece model is refused (ConfigError naming the field).
+    different sentencepiece model, or a HF tokenizer directory whose files
+    changed, is refused (ConfigError naming the field).
     """
     if not is_local(workdir):
         return _keep_tokenizer_remote(workdir, tokenizer_path, writer=writer)
@@ -116,7 +132,7 @@ def keep_tokenizer(workdir: str, tokenizer_path: str, *, writer: bool) -> str:
     is_dir = os.path.isdir(tokenizer_path)
     kept = os.path.join(workdir, TOKENIZER_DIR if is_dir else TOKENIZER_FILE)
     if os.path.exists(kept):
-        if not is_dir and not filecmp.cmp(kept, tokenizer_path, shallow=False):
+        if not _same_tokenizer(kept, tokenizer_path, is_dir):
             raise ConfigError(
                 f"config.data.tokenizer ({tokenizer_path}) differs from the tokenizer this workdir was "
                 f"trained with ({kept}); use a new workdir, or the same tokenizer"
@@ -137,7 +153,7 @@ def _keep_tokenizer_remote(workdir: str, tokenizer_path: str, *, writer: bool) -
     is_dir = source.is_dir()
     kept = as_path(workdir) / (TOKENIZER_DIR if is_dir else TOKENIZER_FILE)
     if kept.exists():
-        if not is_dir and kept.read_bytes() != source.read_bytes():
+        if not _same_tokenizer(os.fspath(kept), tokenizer_path, is_dir):
             raise ConfigError(
                 f"config.data.tokenizer ({tokenizer_path}) differs from the tokenizer this workdir was "
                 f"trained with ({kept}); use a new workdir, or the same tokenizer"

@@ -125,9 +125,10 @@ def train(
         lock = WorkdirLock(workdir).acquire() if is_writer else None
         # --- input (sources resolved once; the demo data is generated on first use) ---------------
         sources = resolve_sources(config)
-        keep_tokenizer(workdir, sources.tokenizer, writer=is_writer)
         t = config.model.text
+        # Read (so checked: TokenizerError names it) before it is kept: a junk file never enters the workdir.
         tokenizer = load_tokenizer(sources.tokenizer, t.context_length, pad_id=t.pad_id, eos_id=t.eos_id)
+        keep_tokenizer(workdir, sources.tokenizer, writer=is_writer)
         train_iter = make_train_iterator(config, sources=sources, tokenizer=tokenizer, keys=objective.inputs)
 
         # --- state: resume from this workdir, else init_from, else fresh ---------------------------
