@@ -7,6 +7,10 @@ in memory. Orbax's checkpoints are not covered here: Orbax writes gs:// through 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
@@ -16,6 +20,7 @@ from veclip_jax.fileio import append_text, as_path, atomic_write_json, is_local,
 from veclip_jax.run.workdir import WorkdirLock, keep_tokenizer, read_jsonl
 from veclip_jax.train.metrics import MetricsWriter
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = "gs://bucket/run"
 
 
@@ -92,3 +97,13 @@ def test_lock_is_best_effort_on_a_bucket(gcs, caplog):
     second.release()
     first.release()
     assert as_path(f"{RUN}/.lock").read_text() == ""
+
+
+def test_a_gs_workdir_without_gcsfs_is_refused_in_one_line_naming_the_package(tmp_path):
+    # No fake gs:// registered here, and gcsfs is not a requirement: the CLI says what to install.
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config=configs/tiny.py",
+           "--workdir=gs://bucket/run", f"--config.data.cache_dir={tmp_path}"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last == "error: gs:// paths need gcsfs, which is not installed: pip install 'gcsfs==2026.10.1'"

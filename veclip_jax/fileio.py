@@ -16,12 +16,15 @@ object (logs are small: a line per logged step).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 from typing import Any
 
 from etils import epath
+
+from veclip_jax.errors import UserError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -48,8 +51,31 @@ def is_local(path: str | os.PathLike) -> bool:
     return "://" not in os.fspath(path)
 
 
+# The packages behind each remote protocol (fsspec's): not in requirements.txt, since only a run on
+# Cloud Storage needs them (and gcsfs brings grpcio, google-auth, ...). Each resolves with our pins.
+REMOTE_PACKAGES = {"gs": "gcsfs==2026.10.1"}
+
+
+@functools.cache
+def _check_remote_backend(protocol: str) -> None:
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError):
+        package = REMOTE_PACKAGES.get(protocol, f"the fsspec package for {protocol}://")
+        raise UserError(f"{protocol}:// paths need {package.split('==')[0]}, which is not installed: "
+                        f"pip install '{package}'") from None  # fmt: skip
+
+
 def as_path(path: str | os.PathLike) -> epath.Path:
-    """The path as an etils.epath.Path, which reads and writes local and gs:// paths alike."""
+    """The path as an etils.epath.Path, which reads and writes local and gs:// paths alike.
+
+    A remote path whose filesystem package is missing is refused in one line (UserError) naming
+    what to install, rather than failing at its first read or write.
+    """
+    if not is_local(path):
+        _check_remote_backend(os.fspath(path).split("://", 1)[0])
     return epath.Path(path)
 
 
