@@ -85,3 +85,33 @@ def test_a_zero_batch_size_names_the_flag(tiny_run):
            "--batch_size=0"]  # fmt: skip
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: --batch_size=0")
+
+
+# --- output that matters (issue 22, #20) -------------------------------------------------------------
+
+
+def test_load_prints_no_library_notes(tiny_run):
+    code = f"import veclip_jax; veclip_jax.load({tiny_run[0]!r}).encode_text(['a'])"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "absl" not in run.stderr and "read_only" not in run.stderr, run.stderr
+
+
+def test_a_full_disk_during_training_ends_in_a_few_lines_with_the_one_that_matters(demo_cache, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)]).returncode:
+        pytest.skip("cannot mount a small filesystem here (not root)")
+    try:
+        cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config=configs/tiny.py",
+               f"--workdir={small / 'w'}", f"--config.data.cache_dir={demo_cache}", "--config.total_steps=8",
+               "--config.checkpoint_every=2", "--config.eval_every=0"]  # fmt: skip
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+    assert run.returncode == 1, run.stderr[-3000:]
+    lines = run.stderr.splitlines()
+    assert "Event loop is closed" not in run.stderr and "Traceback" not in run.stderr
+    assert len(lines) < 40, run.stderr  # was ~480 lines: 88 tracebacks around the one below
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "intact" in errors[0]

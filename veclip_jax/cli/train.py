@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -55,13 +56,42 @@ def _parse_flags(argv: list[str]) -> list[str]:
     raise AssertionError("unreachable")
 
 
+class _OneLineFromLibraries(logging.Filter):
+    """Library records (Orbax's, on a failed background save) in one line: no traceback.
+
+    A save that fails on a full disk makes Orbax log the error with its traceback from every writer
+    thread; our own one line (the directory, the free space, the intact checkpoint) says it all.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("veclip_jax") and record.exc_info:
+            record.msg = f"{record.getMessage().splitlines()[0]} ({record.exc_info[0].__name__})"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
+def _quiet_closed_event_loops() -> None:
+    """Drops 'RuntimeError: Event loop is closed' printed from tensorstore's callbacks after a failed
+    Orbax save (dozens of tracebacks burying the one line that matters); every other error prints."""
+    default = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        default(kind, value, tb)
+
+    sys.excepthook = hook
+
+
 def _setup_logging() -> None:
     from absl import logging as absl_logging
 
     handler = absl_logging.get_absl_handler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(_OneLineFromLibraries())
     absl_logging.set_verbosity(absl_logging.WARNING)  # libraries (orbax, jax): warnings only
     logging.getLogger("veclip_jax").setLevel(logging.INFO)
+    _quiet_closed_event_loops()
 
 
 def main(argv: list[str]) -> None:

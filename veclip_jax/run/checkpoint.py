@@ -13,6 +13,7 @@ CheckpointError naming its directory and the other steps there.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -46,6 +47,23 @@ def _unreadable(root: str, step: int, e: BaseException, mngr: ocp.CheckpointMana
     )
 
 
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+    """A CheckpointManager that only reads, without Orbax's notes on what read-only implies.
+
+    Orbax logs three absl warnings per read-only manager ("read_only=True, setting ...", "Given
+    directory is read only"): every `veclip_jax.load` opened three. They say nothing the user can act
+    on, so they are dropped while the manager is made; Orbax's other warnings are kept.
+    """
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+        return ocp.CheckpointManager(directory, options=options)
+    finally:
+        absl_log.setLevel(level)
+
+
 def resolve_checkpoint(path: str, step: int | None = None) -> RunPath:
     """`run_path(path, step)` with its step chosen: the one the path or `step` names, else the newest.
 
@@ -54,7 +72,7 @@ def resolve_checkpoint(path: str, step: int | None = None) -> RunPath:
     run = run_path(path, step)
     if run.step_dir is not None and (as_path(run.step_dir) / STEP_PARAMS).is_dir():
         return run  # one step's directory, given or named
-    mngr = ocp.CheckpointManager(run.checkpoints, options=ocp.CheckpointManagerOptions(read_only=True))
+    mngr = _read_only_manager(run.checkpoints)
     try:
         steps = list(mngr.all_steps())
     finally:
@@ -73,7 +91,7 @@ def resolve_checkpoint(path: str, step: int | None = None) -> RunPath:
 def read_metadata(path: str, step: int | None = None) -> dict[str, Any]:
     """A checkpoint's JSON metadata (config, step; no arrays read), `path` as in `resolve_checkpoint`."""
     run = resolve_checkpoint(path, step)
-    mngr = ocp.CheckpointManager(run.checkpoints, options=ocp.CheckpointManagerOptions(read_only=True))
+    mngr = _read_only_manager(run.checkpoints)
     try:
         meta = _restore_meta(mngr, run.step)
     except Exception as e:
@@ -95,7 +113,7 @@ def restore_params(
     checkpoint trained with another objective's heads).
     """
     run = resolve_checkpoint(path, step)
-    mngr = ocp.CheckpointManager(run.checkpoints, options=ocp.CheckpointManagerOptions(read_only=True))
+    mngr = _read_only_manager(run.checkpoints)
     try:
         if partial:
             restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
