@@ -26,6 +26,35 @@ from veclip_jax.objectives.base import Objective
 from veclip_jax.parallel.axes import BATCH_AXES
 
 
+def cross_entropy_sum(
+    logits: jax.Array, positive: jax.Array, scale: jax.Array | float, valid: jax.Array | None = None
+) -> jax.Array:
+    """Sum over rows of CE(scale * logits, positive) = sum_i logsumexp_j(scale * (l_ij - l_i,pos(i))).
+
+    `logits` [b, C] unscaled (cosines), `positive` [b, C] bool marking each
+    row's one positive column, `scale` > 0, `valid` [b, C] bool (None: all)
+    the columns a row may see (SLIP's anchor does not see itself). This is
+    open_clip's `cross_entropy` of the scaled logits.
+
+    The positive is subtracted inside the logsumexp, from the row's own
+    entry, so its term is exactly 0: the textbook `logsumexp(s * l) - s *
+    l_pos` subtracts two numbers of size s (100) to get one near 0 and
+    loses float32's last digits (a saturated batch came out negative,
+    -1.6e-6). The logsumexp itself is taken as m + log1p(expm1(-m) + the
+    other terms), m the row's max (>= 0, the positive's term being 0): when
+    the positive leads, that is log1p of the negatives' mass, exact to
+    float32's relative precision however small it is, where log(1 + mass)
+    would round it away. Every row is >= 0, also in float32. Columns not
+    `valid` are masked after scaling (never -inf * 0 in a gradient).
+    """
+    d = scale * (logits - jnp.sum(jnp.where(positive, logits, 0.0), axis=-1, keepdims=True))
+    if valid is not None:
+        d = jnp.where(valid, d, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(d, axis=-1))  # the value is an identity in m: no gradient needed
+    others = jnp.sum(jnp.where(positive, 0.0, jnp.exp(d - m[:, None])), axis=-1)
+    return jnp.sum(m + jnp.log1p(jnp.expm1(-m) + others))
+
+
 def _terms(
     img: jax.Array,
     txt: jax.Array,
@@ -37,16 +66,15 @@ def _terms(
     """Sums over local rows `img`/`txt` whose positives sit at `offset + i` in the gathered arrays."""
     b = img.shape[0]
     labels = offset + jnp.arange(b)
+    positive = labels[:, None] == jnp.arange(txt_all.shape[0])[None, :]  # [b, B]
     sim_i2t = img @ txt_all.T  # [b, B]
     sim_t2i = txt @ img_all.T
-    pos = jnp.sum(img * txt, axis=-1)  # the diagonal, = sim_i2t[i, labels[i]]
-    lse_i2t = jax.nn.logsumexp(scale * sim_i2t, axis=-1)
-    lse_t2i = jax.nn.logsumexp(scale * sim_t2i, axis=-1)
+    pos = jnp.sum(jnp.where(positive, sim_i2t, 0.0))  # the diagonal, as the logits have it
     return {
-        "loss": jnp.sum(lse_i2t + lse_t2i - 2 * scale * pos),
+        "loss": cross_entropy_sum(sim_i2t, positive, scale) + cross_entropy_sum(sim_t2i, positive, scale),
         "i2t_correct": jnp.sum(jnp.argmax(sim_i2t, axis=-1) == labels),
         "t2i_correct": jnp.sum(jnp.argmax(sim_t2i, axis=-1) == labels),
-        "pos_sim": jnp.sum(pos),
+        "pos_sim": pos,
         "all_sim": jnp.sum(sim_i2t),
     }
 
@@ -54,14 +82,16 @@ def _terms(
 def _finish(
     sums: dict[str, jax.Array], batch: int, scale: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    loss = sums["loss"] / (2 * batch)
+    # Counts as Python floats: an int such as B * (B - 1) would reach JAX as an int32, which
+    # overflows from B = 46,341 (CLIP runs at 64k pairs); as a float it is exact to 2**53.
+    loss = sums["loss"] / float(2 * batch)
     metrics = {
         "loss": loss,
-        "i2t_accuracy": sums["i2t_correct"] / batch,
-        "t2i_accuracy": sums["t2i_correct"] / batch,
+        "i2t_accuracy": sums["i2t_correct"] / float(batch),
+        "t2i_accuracy": sums["t2i_correct"] / float(batch),
         "logit_scale": scale,
-        "positive_similarity": sums["pos_sim"] / batch,
-        "negative_similarity": (sums["all_sim"] - sums["pos_sim"]) / max(batch * (batch - 1), 1),
+        "positive_similarity": sums["pos_sim"] / float(batch),
+        "negative_similarity": (sums["all_sim"] - sums["pos_sim"]) / float(max(batch * (batch - 1), 1)),
     }
     return loss, metrics
 

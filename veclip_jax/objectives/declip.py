@@ -52,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 from veclip_jax.models.layers import l2_normalize, with_axes
 from veclip_jax.objective_fields import DeclipFields
 from veclip_jax.objectives.base import Objective, TowerDims
-from veclip_jax.objectives.clip import clip_loss
+from veclip_jax.objectives.clip import clip_loss, cross_entropy_sum
 from veclip_jax.objectives.heads import MLP
 from veclip_jax.parallel.axes import BATCH_AXES
 
@@ -172,17 +172,18 @@ def queue_push(state: dict[str, jax.Array], x: jax.Array) -> dict[str, jax.Array
 
 def _nn_sums(
     images: Sequence[jax.Array],
-    texts: Sequence[jax.Array],
     texts_all: Sequence[jax.Array],
     scale: jax.Array,
+    offset: jax.Array | int,
 ) -> jax.Array:
-    """Sum over view x text pairs and local image rows of CE(image -> all texts); positive: its own pair."""
+    """Sum over view x text pairs and local image rows of CE(image -> all texts); positive: its own pair,
+    the column `offset + i` of the gathered texts for local row i."""
     total = jnp.zeros((), jnp.float32)
+    rows = images[0].shape[0]
+    positive = (offset + jnp.arange(rows))[:, None] == jnp.arange(texts_all[0].shape[0])[None, :]
     for img in images:
-        for txt, txt_all in zip(texts, texts_all, strict=True):
-            lse = jax.nn.logsumexp(scale * (img @ txt_all.T), axis=-1)
-            pos = scale * jnp.sum(img * txt, axis=-1)  # its own column in texts_all
-            total = total + jnp.sum(lse - pos)
+        for txt_all in texts_all:
+            total = total + cross_entropy_sum(img @ txt_all.T, positive, scale)  # stable form: clip.py
     return total
 
 
@@ -216,15 +217,17 @@ def nn_loss(
     s = jnp.asarray(scale, jnp.float32)
     batch = images[0].shape[0]
     pairs = len(images) * len(texts)
+    count = float(pairs * batch)  # a float: no int32 count reaches JAX (clip.py)
     if mesh is None:
-        return _nn_sums(images, texts, texts, s) / (pairs * batch)
+        return _nn_sums(images, texts, s, 0) / count
 
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(batch_axes), P(batch_axes), P()), out_specs=P())
     def blockwise(images: list[jax.Array], texts: list[jax.Array], s: jax.Array) -> jax.Array:
         texts_all = [jax.lax.all_gather(t, batch_axes, tiled=True) for t in texts]
-        return jax.lax.psum(_nn_sums(images, texts, texts_all, s), batch_axes)
+        offset = jax.lax.axis_index(batch_axes) * images[0].shape[0]
+        return jax.lax.psum(_nn_sums(images, texts_all, s, offset), batch_axes)
 
-    return blockwise(images, texts, s) / (pairs * batch)
+    return blockwise(images, texts, s) / count
 
 
 def clip_mvs_loss(

@@ -66,7 +66,7 @@ from jax.sharding import PartitionSpec as P
 from veclip_jax.models.layers import l2_normalize
 from veclip_jax.objective_fields import DefilipFields, FilipFields
 from veclip_jax.objectives.base import Objective, TowerDims
-from veclip_jax.objectives.clip import clip_loss
+from veclip_jax.objectives.clip import clip_loss, cross_entropy_sum
 from veclip_jax.objectives.declip import DeclipHeads, DeclipObjective
 from veclip_jax.objectives.heads import ScalarParams, dense
 from veclip_jax.parallel.axes import BATCH_AXES
@@ -145,10 +145,8 @@ def _row_sums(
     i2t: jax.Array, t2i: jax.Array, labels: jax.Array, scale: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Over complete rows [b, B] whose positives sit at `labels`: (sum of both CEs, i2t hits, t2i hits)."""
-    loss = 0.0
-    for logits in (i2t, t2i):
-        pos = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-        loss = loss + jnp.sum(jax.nn.logsumexp(scale * logits, axis=-1) - scale * pos)
+    positive = labels[:, None] == jnp.arange(i2t.shape[1])[None, :]
+    loss = sum(cross_entropy_sum(logits, positive, scale) for logits in (i2t, t2i))  # stable form: clip.py
     hits = [jnp.sum(jnp.argmax(logits, axis=-1) == labels) for logits in (i2t, t2i)]
     return loss, hits[0], hits[1]
 
@@ -156,11 +154,11 @@ def _row_sums(
 def _finish(
     loss_sum: jax.Array, i2t_hits: jax.Array, t2i_hits: jax.Array, batch: int
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    loss = loss_sum / (2 * batch)
+    loss = loss_sum / float(2 * batch)  # floats: no int32 count reaches JAX (clip.py)
     metrics = {
         "filip_loss": loss,
-        "filip_i2t_accuracy": i2t_hits / batch,
-        "filip_t2i_accuracy": t2i_hits / batch,
+        "filip_i2t_accuracy": i2t_hits / float(batch),
+        "filip_t2i_accuracy": t2i_hits / float(batch),
     }
     return loss, metrics
 

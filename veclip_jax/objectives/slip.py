@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 from veclip_jax.models.layers import l2_normalize
 from veclip_jax.objective_fields import SlipFields
 from veclip_jax.objectives.base import Objective, TowerDims
-from veclip_jax.objectives.clip import clip_loss
+from veclip_jax.objectives.clip import clip_loss, cross_entropy_sum
 from veclip_jax.objectives.heads import MLP
 from veclip_jax.parallel.axes import BATCH_AXES
 
@@ -58,19 +58,18 @@ def _terms(
     n = a.shape[0]
     labels = offset + jnp.arange(n)
     own = labels[:, None] == jnp.arange(a_all.shape[0])[None, :]  # [n, B]: the anchor itself
+    positive = jnp.concatenate([own, jnp.zeros_like(own)], axis=1)  # [n, 2B]: the other view's row
+    valid = jnp.concatenate([jnp.ones_like(own), ~own], axis=1)  # every column but the anchor itself
 
-    def one_view(q: jax.Array, q_all: jax.Array, k: jax.Array, k_all: jax.Array) -> tuple[jax.Array, ...]:
-        # Anchors q; positives k (same rows); columns: the other view, then q's view minus q itself.
-        cross = inv_tau * (q @ k_all.T)  # positive at column labels[i]
-        same = jnp.where(own, -jnp.inf, inv_tau * (q @ q_all.T))
-        logits = jnp.concatenate([cross, same], axis=1)  # [n, 2B]
-        pos = inv_tau * jnp.sum(q * k, axis=-1)  # = cross[i, labels[i]]
-        loss = jnp.sum(jax.nn.logsumexp(logits, axis=-1) - pos)
-        correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
+    def one_view(q: jax.Array, q_all: jax.Array, k_all: jax.Array) -> tuple[jax.Array, ...]:
+        # Anchors q; positives: the other view's same rows; columns: the other view, then q's view minus q.
+        logits = jnp.concatenate([q @ k_all.T, q @ q_all.T], axis=1)  # [n, 2B] cosines, positive at labels[i]
+        loss = cross_entropy_sum(logits, positive, inv_tau, valid)  # positive subtracted inside (clip.py)
+        correct = jnp.sum(jnp.argmax(jnp.where(valid, logits, -jnp.inf), axis=-1) == labels)
         return loss, correct
 
-    loss_a, correct_a = one_view(a, a_all, b, b_all)
-    loss_b, correct_b = one_view(b, b_all, a, a_all)
+    loss_a, correct_a = one_view(a, a_all, b_all)
+    loss_b, correct_b = one_view(b, b_all, a_all)
     return {"loss": loss_a + loss_b, "correct": correct_a + correct_b}
 
 
@@ -114,8 +113,8 @@ def nt_xent_loss(
             return jax.tree.map(lambda x: jax.lax.psum(x, batch_axes), sums)
 
         sums = blockwise(a, b, inv_tau)
-    loss = sums["loss"] / (2 * batch)
-    return loss, {"ssl_loss": loss, "ssl_accuracy": sums["correct"] / (2 * batch)}
+    loss = sums["loss"] / float(2 * batch)  # a float: no int32 count reaches JAX (clip.py)
+    return loss, {"ssl_loss": loss, "ssl_accuracy": sums["correct"] / float(2 * batch)}
 
 
 class SlipHeads(nn.Module):
