@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from veclip_jax.cli import split_overrides
 from veclip_jax.errors import UserError
 from veclip_jax.parallel.hardware import parse_hardware
 
@@ -131,11 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Writes the script, then `sbatch` it (or prints it with --dry_run); the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, overrides = argv[:at], argv[at + 1 :]
+    argv, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         check_fields(args, overrides)  # first: the messages below print these values

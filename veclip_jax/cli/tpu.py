@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from veclip_jax.cli import split_overrides
 from veclip_jax.errors import UserError
 from veclip_jax.parallel.hardware import Accelerator, check_devices, parse_hardware
 
@@ -380,11 +381,7 @@ def _required(args: argparse.Namespace, *names: str) -> None:
 
 def main(argv: Sequence[str] | None = None, sleep: Callable[[float], None] = time.sleep) -> int:
     """The command line; returns the exit code (2: a usage or config error, one line on stderr)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, overrides = argv[:at], argv[at + 1 :]
+    argv, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         if args.action == "check-devices":
