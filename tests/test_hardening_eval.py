@@ -115,3 +115,22 @@ def test_a_full_disk_during_training_ends_in_a_few_lines_with_the_one_that_matte
     assert len(lines) < 40, run.stderr  # was ~480 lines: 88 tracebacks around the one below
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and "No space left on device" in errors[0] and "intact" in errors[0]
+
+
+def test_eval_images_are_budgeted_from_their_header_and_16_bit_is_scaled(monkeypatch):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from veclip_jax.data import image_ops
+    from veclip_jax.eval.datasets import load_image
+
+    pixels = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    rgb = np.asarray(load_image(png.getvalue()))
+    assert rgb.shape == (64, 64, 3) and abs(rgb.mean() - pixels.mean() * 255 / 65535) < 0.5  # not clipped
+    monkeypatch.setattr(image_ops, "MAX_DECODE_BYTES", 64 * 64 * 2 - 1)  # one byte short of this image
+    with pytest.raises(image_ops.ImageDecodeError, match="decodes to 8192 bytes"):
+        load_image(png.getvalue())

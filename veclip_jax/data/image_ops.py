@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageMode
 
 try:
     import simplejpeg
@@ -39,6 +39,17 @@ _INV_STD_255 = 1.0 / (np.asarray(CLIP_STD, np.float32) * 255.0)
 # Larger images are refused rather than decoded (a 2^28-pixel RGB image is
 # 768 MiB); PIL's own bomb check is of the same order.
 MAX_PIXELS = 1 << 28
+# ... and so are images whose decoded pixels take more bytes than this, read
+# from the header before decoding: width * height * bytes per pixel of the
+# mode. Pixels alone let a 328 KB 13000x13000 16-bit PNG through (3.1 GB and
+# 14 s a decode); 256 MiB still takes a 9000x9000 8-bit RGB photo.
+MAX_DECODE_BYTES = 1 << 28
+# Evaluation preprocessing resizes only the centre crop's source region once
+# the resized image's long side exceeds this many times its short side: a
+# 1x200000 PNG scaled to a 224-px short side would be 45M pixels (and ~120 GB
+# as float32). Below it, the full resize then crop (HF CLIPImageProcessor's
+# exact pixels).
+MAX_EVAL_ASPECT = 4
 
 DECODERS = ("simplejpeg", "pil")
 
@@ -105,6 +116,48 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _VIA_RGBA_MODES = frozenset({"P", "PA", "LA", "La", "RGBa"})
 
 
+def decoded_bytes(mode: str, width: int, height: int) -> int:
+    """Bytes of a `mode` image of width x height once decoded (4 a pixel for a mode PIL does not size)."""
+    try:
+        m = ImageMode.getmode(mode)
+        per_pixel = len(m.bands) * int(m.typestr[-1])
+    except (KeyError, ValueError):
+        per_pixel = 4
+    return width * height * per_pixel
+
+
+def check_decode_budget(mode: str, width: int, height: int) -> None:
+    """ImageDecodeError for an empty image or one over MAX_PIXELS or MAX_DECODE_BYTES (header sizes)."""
+    if height < 1 or width < 1 or height * width > MAX_PIXELS:
+        raise ImageDecodeError(f"image of {width}x{height} pixels is empty or exceeds {MAX_PIXELS}")
+    if (n := decoded_bytes(mode, width, height)) > MAX_DECODE_BYTES:
+        raise ImageDecodeError(
+            f"{mode} image of {width}x{height} pixels decodes to {n} bytes, over {MAX_DECODE_BYTES}"
+        )
+
+
+# Rows converted at a time from 16/32-bit to 8-bit: the integer temporaries stay this many elements.
+_CONVERT_CHUNK = 1 << 18
+
+
+def _to_uint8_scaled(a: np.ndarray) -> np.ndarray:
+    """16-bit range (clipped to [0, 65535]) -> uint8, x / 257 rounded, in row chunks (no full-size int64)."""
+    out = np.empty(a.shape, np.uint8)
+    if a.size == 0:
+        return out
+    rows = max(1, _CONVERT_CHUNK // (a.size // len(a)))
+    for start in range(0, len(a), rows):
+        block = a[start : start + rows]
+        if block.dtype.kind != "u" or block.dtype.itemsize > 2:
+            block = np.clip(block, 0, 65535)  # mode I: 32-bit integers
+        block = block.astype(np.uint32)  # 65535 * 255 + 32767 fits in 32 bits
+        block *= 255
+        block += 32767
+        block //= 65535
+        out[start : start + rows] = block
+    return out
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL image -> an 8-bit RGB image, scaling high-bit-depth modes rather than clipping them.
 
@@ -118,8 +171,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode in _SIXTEEN_BIT_MODES:
-        a = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
-        gray = ((a * 255 + 32767) // 65535).astype(np.uint8)  # x / 257, rounded
+        gray = _to_uint8_scaled(np.asarray(img))  # x / 257, rounded
         return Image.fromarray(gray, "L").convert("RGB")
     if mode == "F":
         a = np.nan_to_num(np.asarray(img, np.float64), nan=0.0, posinf=255.0, neginf=0.0)
@@ -146,8 +198,7 @@ def _min_decode_size(box: Box, size: int, height: int, width: int) -> tuple[int,
 
 def _open_pil(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
-    if img.width * img.height > MAX_PIXELS:
-        raise ImageDecodeError(f"image of {img.width}x{img.height} pixels exceeds {MAX_PIXELS}")
+    check_decode_budget(img.mode, img.width, img.height)  # from the header: nothing decoded yet
     return img
 
 
@@ -197,12 +248,12 @@ def decode_random_crops(
                 dims = (height, width)
             except ValueError:
                 pass
+            else:
+                check_decode_budget("RGB", width, height)  # simplejpeg decodes to RGB
         if dims is None:
             pil_img = _open_pil(data)
             dims = (pil_img.height, pil_img.width)
         height, width = dims
-        if height < 1 or width < 1 or height * width > MAX_PIXELS:
-            raise ImageDecodeError(f"image of {width}x{height} pixels is empty or exceeds {MAX_PIXELS}")
         boxes = [random_resized_crop_box(rng, height, width, scale=scale, ratio=ratio) for rng in rngs]
         needs = [_min_decode_size(box, size, height, width) for box in boxes]
         min_h, min_w = max(n[0] for n in needs), max(n[1] for n in needs)
@@ -242,7 +293,9 @@ def image_decodes(data: bytes) -> bool:
         except ValueError:
             pass  # not a JPEG simplejpeg knows: PIL decides
         else:
-            if height < 1 or width < 1 or height * width > MAX_PIXELS:
+            try:
+                check_decode_budget("RGB", width, height)
+            except ImageDecodeError:
                 return False
             try:
                 simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=1, min_width=1)
@@ -253,9 +306,7 @@ def image_decodes(data: bytes) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on large or odd files; the verdict is what counts
             with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if height < 1 or width < 1 or height * width > MAX_PIXELS:
-                    return False
+                check_decode_budget(img.mode, img.width, img.height)  # ImageDecodeError: False
                 if img.format == "JPEG":
                     img.draft("RGB", (1, 1))  # smallest DCT scale: the whole stream is still read
                 img.load()
@@ -274,18 +325,40 @@ def normalize(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def _resize_shorter_side(image: Image.Image, size: int, resample: int) -> Image.Image:
-    """Shorter side to `size`, the longer to int(size * long / short): HF CLIPImageProcessor's rule."""
-    w, h = image.size
+def _shorter_side_dims(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side `size`, the longer int(size * long / short): HF's rule."""
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)
-    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    return image if (new_w, new_h) == (w, h) else image.resize((new_w, new_h), resample)
+    return (size, new_long) if w <= h else (new_long, size)
 
 
-def _center_crop(arr: np.ndarray, size: int) -> np.ndarray:
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top : top + size, left : left + size]
+def _resize_center_crop_pil(image: Image.Image, size: int, crop: int, resample: int) -> np.ndarray:
+    """uint8 [crop, crop, C]: the shorter side resized to `size`, then the centre crop.
+
+    An elongated image (long side over MAX_EVAL_ASPECT x the short one once
+    resized) has only the crop's source region resized (PIL's `box`, which
+    filters with the pixels around it too): the full resize would be as long
+    as the image is elongated (a 1x200000 image at 224 px: 45M pixels).
+    """
+    w, h = image.size
+    new_w, new_h = _shorter_side_dims(w, h, size)
+    left, top = (new_w - crop) // 2, (new_h - crop) // 2
+    if max(new_w, new_h) <= MAX_EVAL_ASPECT * size:
+        resized = image if (new_w, new_h) == (w, h) else image.resize((new_w, new_h), resample)
+        return np.asarray(resized)[top : top + crop, left : left + crop]
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+    return np.asarray(image.resize((crop, crop), resample, box=box))
+
+
+def _check_eval_image(image: Image.Image | np.ndarray) -> None:
+    """The decode budget, for an image handed to evaluation (PIL ones are checked before they load)."""
+    if isinstance(image, Image.Image):
+        check_decode_budget(image.mode, image.width, image.height)
+    else:
+        arr = np.asarray(image)
+        if arr.ndim < 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+            raise ImageDecodeError(f"image array of shape {arr.shape} is empty")
 
 
 def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
@@ -294,32 +367,48 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
     uint8 [size, size, 3]. The arithmetic is HF `CLIPImageProcessor`'s
     (shortest_edge = crop = size; the crop starts at (extent - size) // 2), so
     an exported model's processor sees the same pixels as our evaluation.
+    Raises ImageDecodeError for an image over the decode budget.
     """
-    return _center_crop(np.asarray(_resize_shorter_side(to_rgb(image), size, _RESAMPLE)), size)
+    _check_eval_image(image)
+    return _resize_center_crop_pil(to_rgb(image), size, size, _RESAMPLE)
 
 
-def _bilinear_axis(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source rows (lower, upper) and weights of half-pixel-centre bilinear sampling, no antialias."""
+def _bilinear_axis(
+    out_size: int, in_size: int, start: int = 0, count: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source rows (lower, upper) and weights of half-pixel-centre bilinear sampling, no antialias.
+
+    For output positions start .. start + count (all by default): a crop's
+    rows alone, however long the full output.
+    """
+    stop = out_size if count is None else start + count
     # float32 coordinates, as TF's (and torch's) kernels compute them
     scale = np.float32(in_size) / np.float32(out_size)
-    x = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    x = (np.arange(start, stop).astype(np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
     floor = np.floor(x)
     lower = np.clip(floor, 0, in_size - 1).astype(np.int64)
     upper = np.clip(np.ceil(x), 0, in_size - 1).astype(np.int64)
     return lower, upper, (x - floor).astype(np.float32)
 
 
-def bilinear_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+def bilinear_resize(
+    image: np.ndarray, height: int, width: int, *, window: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
     """float32 [height, width, C]: TF2 `tf.image.resize(method="bilinear", antialias=False)`.
 
     Half-pixel centres, edge samples clamped, no antialiasing, no rounding of
     the result: what VeCLIP's released evaluation (`clip_processor.py`) uses,
     and torch's `interpolate(mode="bilinear", align_corners=False)` too.
+    `window` (top, left, crop_height, crop_width) computes only that part of
+    the resized image, the same values, sampling the input before it becomes
+    float32 (an elongated image's full resize would not fit in memory).
     """
-    img = np.asarray(image, np.float32)
-    lo, hi, t = _bilinear_axis(height, img.shape[0])
-    img = img[lo] + (img[hi] - img[lo]) * t[:, None, None]
-    lo, hi, t = _bilinear_axis(width, img.shape[1])
+    top, left, out_h, out_w = window if window is not None else (0, 0, height, width)
+    img = np.asarray(image)
+    lo, hi, t = _bilinear_axis(height, img.shape[0], top, out_h)
+    a, b = img[lo].astype(np.float32), img[hi].astype(np.float32)
+    img = a + (b - a) * t[:, None, None]
+    lo, hi, t = _bilinear_axis(width, img.shape[1], left, out_w)
     return img[:, lo] + (img[:, hi] - img[:, lo]) * t[None, :, None]
 
 
@@ -346,19 +435,23 @@ class EvalPreprocess:
         if self.crop > self.size:
             raise ValueError(f"crop {self.crop} is larger than the resized shorter side {self.size}")
 
-    def _resized(self, image: Image.Image | np.ndarray) -> np.ndarray:
+    def _cropped(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """The centre crop of the resized image, computed without the rest of it when that is large."""
+        _check_eval_image(image)
         if self.method == "tf_bilinear":
             arr = np.asarray(to_rgb(image) if isinstance(image, Image.Image) else image)
             h, w = arr.shape[:2]
             scale = np.float32(self.size) / np.float32(min(h, w))
             new_h, new_w = (int(np.round(scale * np.float32(d))) for d in (h, w))
-            return bilinear_resize(arr, new_h, new_w)
+            window = ((new_h - self.crop) // 2, (new_w - self.crop) // 2, self.crop, self.crop)
+            return bilinear_resize(arr, new_h, new_w, window=window)
         pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
         resample = _RESAMPLE if self.method == "bicubic" else Image.Resampling.BILINEAR
-        return np.asarray(_resize_shorter_side(to_rgb(pil), self.size, resample), np.float32)
+        return _resize_center_crop_pil(to_rgb(pil), self.size, self.crop, resample)
 
     def __call__(self, image: Image.Image | np.ndarray) -> np.ndarray:
-        arr = _center_crop(self._resized(image), self.crop)
+        """Raises ImageDecodeError for an image over the decode budget (MAX_DECODE_BYTES) or empty."""
+        arr = self._cropped(image).astype(np.float32)  # uint8 (float32 for tf_bilinear): crop first
         mean = np.asarray(self.mean, np.float32) * 255.0
         std = np.asarray(self.std, np.float32) * 255.0
         return (arr - mean) / std

@@ -19,6 +19,7 @@ from typing import Any
 import grain
 
 from veclip_jax.data import seeds
+from veclip_jax.data.readers.parquet import bounded_batches
 from veclip_jax.data.readers.webdataset import iter_tar_samples
 from veclip_jax.data.sources import (
     ARRAY_RECORD,
@@ -41,7 +42,8 @@ class FileIterDataset(grain.IterDataset):
 
     A file that cannot be opened, or that is damaged part-way, yields one
     Skipped("unreadable_file") (after the samples before the damage) and ends;
-    a readable file without samples yields one Skipped("empty_file").
+    a readable file without samples yields one Skipped("empty_file"); a tar
+    sample with a member over readers/webdataset.py's bound, Skipped("bad_record").
     """
 
     def __init__(self, spec: SourceSpec, item: Item):
@@ -84,6 +86,8 @@ class _FileIterator(grain.DatasetIterator):
             log.warning("%s: %s holds no samples: skipped", ds.spec.label, self._path)
             return Skipped("empty_file", ds.spec.index)
         self._next += 1
+        if value == "bad_record":  # one sample of a readable file (readers/webdataset.py logged why)
+            return Skipped(value, ds.spec.index)
         if isinstance(value, str):
             log.warning("%s: %s is unreadable (from sample %d on): skipped", ds.spec.label, self._path, n)
             return Skipped(value, ds.spec.index)
@@ -106,6 +110,9 @@ class _FileIterator(grain.DatasetIterator):
 
 def _tar_items(path: str) -> Iterator[dict[str, bytes] | str]:
     for sample in iter_tar_samples(path):
+        if sample == "bad_record":  # one sample (a member over the size bound): the tar goes on
+            yield sample
+            continue
         if isinstance(sample, str):  # missing_file (gone since the start) / unreadable_file: once
             yield "unreadable_file"
             return
@@ -113,17 +120,12 @@ def _tar_items(path: str) -> Iterator[dict[str, bytes] | str]:
 
 
 def _parquet_items(path: str) -> Iterator[dict[str, Any] | str]:
-    # grain's ParquetIterDataset reads row group by row group; a damaged file fails on open or mid-way.
-    from grain.experimental import ParquetIterDataset
-
+    # Row group by row group, in batches of bounded memory (grain's ParquetIterDataset decodes a
+    # whole row group, which a small file can make gigabytes); a damaged file fails on open or
+    # mid-way, one with an oversized row group before a row is read.
     try:
-        it = iter(ParquetIterDataset(path))
-        while True:
-            try:
-                row = next(it)
-            except StopIteration:
-                return
-            yield row
+        for batch in bounded_batches(path):
+            yield from batch.to_pylist()
     except Exception:  # pyarrow raises ArrowInvalid, OSError, ...: the rest of the file is lost
         yield "unreadable_file"
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 REASONS: dict[str, str] = {
     "missing_file": "an input tar or Parquet file that does not exist or cannot be opened (one per file)",
-    "unreadable_file": "a tar or Parquet file that is not one, or is damaged part-way (one, where it shows)",
+    "unreadable_file": "a tar or Parquet file that is not one, is damaged part-way (one, where it shows), "
+    "or has a Parquet row group over readers/parquet.py's MAX_ROW_GROUP_BYTES (one, nothing read)",
     "empty_file": "a readable tar or Parquet file without a sample (one per file)",
-    "bad_record": "bytes that are not a record (a damaged shard chunk, a newer format); a bad .json",
+    "bad_record": "bytes that are not a record (a damaged shard chunk, a newer format); a bad .json; a tar "
+    "member over readers/webdataset.py's MAX_MEMBER_BYTES (not read)",
     "bad_row": "a table row that is not UTF-8 or that the csv module cannot parse (file and line logged)",
     "not_success": "the .json status is present and not 'success' (a failed img2dataset download)",
     "bad_caption": "a caption that is not UTF-8 text (bytes that do not decode, a number)",

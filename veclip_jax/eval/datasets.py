@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from veclip_jax.data import captions as captions_lib
-from veclip_jax.data import records
+from veclip_jax.data import image_ops, records
 from veclip_jax.eval.classnames import read_lines, readable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -70,7 +70,9 @@ def load_image(image: Any) -> Image.Image | np.ndarray:
     if isinstance(image, bytes):
         image = io.BytesIO(image)
     with Image.open(image) as img:
-        return img.convert("RGB")
+        # From the header, before decoding: a small file may decode to gigabytes (a 16-bit bomb).
+        image_ops.check_decode_budget(img.mode, img.width, img.height)
+        return image_ops.to_rgb(img)  # 16-bit images scaled, not clipped as convert("RGB") would
 
 
 class _Mapped:

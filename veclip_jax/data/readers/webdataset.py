@@ -11,6 +11,7 @@ the same tar gives the same samples whichever reads it.
 from __future__ import annotations
 
 import json
+import logging
 import tarfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -20,6 +21,33 @@ from veclip_jax.data.readers.cells import caption_text
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _MEMBER_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + ("txt", "json"))
+log = logging.getLogger(__name__)
+# tarfile reads a pax or GNU long-name header whole before it hands out the member it describes.
+_MAX_HEADER_BYTES = 1 << 20
+_LONG_HEADER_TYPES = frozenset(
+    {
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+    }
+)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo whose extended headers over _MAX_HEADER_BYTES end the tar (tarfile: ReadError)."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _LONG_HEADER_TYPES and self.size > _MAX_HEADER_BYTES:
+            raise tarfile.SubsequentHeaderError(f"extended header of {self.size} bytes")
+        return super()._proc_member(tarfile_)
+
+
+# A member larger than this is never read: its sample is skipped as "bad_record". The size is the
+# tar header's, known before a byte of the member is read; in a gzip-compressed tar it is what the
+# read would decompress (a 1.5 MB .tar.gz held a 1.5 GB member). No real image or caption is near it.
+MAX_MEMBER_BYTES = 64 << 20
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -30,24 +58,28 @@ def _split_member(name: str) -> tuple[str, str]:
 
 
 def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]] | str]:
-    """(key, {extension: bytes}) per sample of a tar, or a skip reason for the tar itself.
+    """(key, {extension: bytes}) per sample of a tar, or a skip reason (for the tar, or one sample).
 
     Only the image (IMAGE_EXTENSIONS), .txt and .json members are read; the
     first member of each extension wins. A tar that cannot be opened yields
     "missing_file" (not found, no permission, a directory) or
     "unreadable_file" (not a tar) and nothing else; a tar damaged part-way
     yields its samples up to the damage, then "unreadable_file" (the sample
-    being read then is dropped: it may be incomplete). Reasons: data/skips.py.
+    being read then is dropped: it may be incomplete). A sample with a member
+    to read larger than MAX_MEMBER_BYTES yields "bad_record" in its place,
+    that member unread; the tar goes on. Reasons: data/skips.py.
     """
     try:
-        tar = tarfile.open(path, mode="r|*")  # a stream: tars are read once, front to back
+        tar = tarfile.open(
+            path, mode="r|*", tarinfo=_BoundedTarInfo
+        )  # a stream: tars are read once, front to back
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         yield "missing_file"
         return
     except (tarfile.TarError, OSError, EOFError, zlib.error):
         yield "unreadable_file"
         return
-    key, members = None, {}
+    key, members, oversized = None, {}, False
     try:
         with tar:
             for member in tar:
@@ -56,16 +88,27 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]] | str]:
                 member_key, ext = _split_member(member.name)
                 if member_key != key:
                     if key is not None:
-                        yield key, members
-                    key, members = member_key, {}
-                if ext in _MEMBER_EXTENSIONS and ext not in members:
+                        yield "bad_record" if oversized else (key, members)
+                    key, members, oversized = member_key, {}, False
+                if ext in _MEMBER_EXTENSIONS and ext not in members and not oversized:
+                    if member.size > MAX_MEMBER_BYTES:
+                        # Skipped, not read: the stream passes over it in bounded chunks.
+                        log.warning(
+                            "%s: member %s of %d bytes exceeds %d: sample skipped",
+                            path,
+                            member.name,
+                            member.size,
+                            MAX_MEMBER_BYTES,
+                        )
+                        oversized, members = True, {}
+                        continue
                     members[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error):
         # The sample being read when the damage showed is incomplete: dropped with the rest.
         yield "unreadable_file"
         return
     if key is not None:
-        yield key, members
+        yield "bad_record" if oversized else (key, members)
 
 
 class TarSample(NamedTuple):
