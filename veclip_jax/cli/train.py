@@ -70,17 +70,25 @@ class _OneLineFromLibraries(logging.Filter):
         return True
 
 
+def _closed_event_loop(kind: type[BaseException] | None, value: BaseException | None) -> bool:
+    return kind is RuntimeError and str(value) == "Event loop is closed"
+
+
 def _quiet_closed_event_loops() -> None:
-    """Drops 'RuntimeError: Event loop is closed' printed from tensorstore's callbacks after a failed
-    Orbax save (dozens of tracebacks burying the one line that matters); every other error prints."""
-    default = sys.excepthook
+    """Drops 'RuntimeError: Event loop is closed' reported from tensorstore's callbacks after a failed
+    Orbax save (dozens of tracebacks burying the one line that matters), whichever hook reports it
+    (sys.excepthook, or sys.unraisablehook while threads wind down); every other error prints."""
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
 
-    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
-        if kind is RuntimeError and str(value) == "Event loop is closed":
-            return
-        default(kind, value, tb)
+    def on_exception(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not _closed_event_loop(kind, value):
+            excepthook(kind, value, tb)
 
-    sys.excepthook = hook
+    def on_unraisable(unraisable: Any) -> None:
+        if not _closed_event_loop(unraisable.exc_type, unraisable.exc_value):
+            unraisablehook(unraisable)
+
+    sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
 
 
 def _setup_logging() -> None:

@@ -72,7 +72,9 @@ def load_image(image: Any) -> Image.Image | np.ndarray:
     with Image.open(image) as img:
         # From the header, before decoding: a small file may decode to gigabytes (a 16-bit bomb).
         image_ops.check_decode_budget(img.mode, img.width, img.height)
-        return image_ops.to_rgb(img)  # 16-bit images scaled, not clipped as convert("RGB") would
+        rgb = image_ops.to_rgb(img)  # 16-bit images scaled, not clipped as convert("RGB") would
+        rgb.load()  # decoded here, while the file is open (an RGB image is returned as it was opened)
+        return rgb
 
 
 class _Mapped:
