@@ -117,6 +117,30 @@ def test_a_full_disk_during_training_ends_in_a_few_lines_with_the_one_that_matte
     assert len(errors) == 1 and "No space left on device" in errors[0] and "intact" in errors[0]
 
 
+def test_library_errors_print_one_line_each_once():
+    """The flood behind the full-disk test, made deterministic: asyncio logs one "Task exception was
+    never retrieved" per failed write, however many the garbage collector finds; one line stays."""
+    import logging
+
+    from veclip_jax.cli.train import _OneLineFromLibraries
+
+    keep = _OneLineFromLibraries()
+
+    def record(name: str, msg: str, exc: BaseException | None) -> logging.LogRecord:
+        info = (type(exc), exc, None) if exc else None
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, None, info)
+
+    err = ValueError("RESOURCE_EXHAUSTED: No space left on device")
+    flood = [record("asyncio", "Task exception was never retrieved\nfuture: <Task %d>" % i, err) for i in range(30)]
+    kept = [r for r in flood if keep.filter(r)]
+    assert [r.getMessage() for r in kept] == ["Task exception was never retrieved (ValueError)"]
+    assert kept[0].exc_info is None  # no traceback
+    ours = [record("veclip_jax.train", "saving failed", None) for _ in range(2)]
+    assert all(keep.filter(r) for r in ours)  # our own lines are never dropped
+    other = record("absl", "Save Finalize thread failed.", err)
+    assert keep.filter(other) and other.getMessage() == "Save Finalize thread failed. (ValueError)"
+
+
 def test_eval_images_are_budgeted_from_their_header_and_16_bit_is_scaled(monkeypatch):
     import io
 
