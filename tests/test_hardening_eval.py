@@ -131,7 +131,8 @@ def test_library_errors_print_one_line_each_once():
         return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, None, info)
 
     err = ValueError("RESOURCE_EXHAUSTED: No space left on device")
-    flood = [record("asyncio", f"Task exception was never retrieved\nfuture: <Task {i}>", err) for i in range(30)]
+    msg = "Task exception was never retrieved\nfuture: <Task {}>"
+    flood = [record("asyncio", msg.format(i), err) for i in range(30)]
     kept = [r for r in flood if keep.filter(r)]
     assert [r.getMessage() for r in kept] == ["Task exception was never retrieved (ValueError)"]
     assert kept[0].exc_info is None  # no traceback
