@@ -6,12 +6,14 @@ BIN := $(VENV)/bin
 .PHONY: setup test lint demo demo-table clean
 
 # The pinned requirements, then the package itself in editable mode (no build isolation: no download).
-$(BIN)/.installed: requirements.txt requirements-tpu.txt pyproject.toml
+$(BIN)/.installed: requirements.txt requirements-tpu.txt requirements-nodeps.txt requirements-openclip.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/pip install -q --no-deps --target $(VENV)/libtpu -r requirements-tpu.txt
+	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
+	$(BIN)/pip install -q --no-deps --target $(VENV)/openclip -r requirements-openclip.txt
 	touch $@
 
 setup: $(BIN)/.installed

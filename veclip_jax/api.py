@@ -33,6 +33,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from veclip_jax.objectives.model import variables
 from veclip_jax.parallel.mesh import make_mesh, replicated
 from veclip_jax.run.inference import Encoders
 from veclip_jax.run.load import LoadedModel, load_model
@@ -52,8 +53,10 @@ class LoadedCLIP(LoadedModel):
 
     def __post_init__(self) -> None:
         mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), [jax.devices()[0]])
-        shardings = jax.tree.map(lambda _: replicated(mesh), self.params)
-        self.params = jax.device_put(self.params, shardings)
+        tree = variables(self.params, self.model_state)
+        shardings = jax.tree.map(lambda _: replicated(mesh), tree)
+        self._variables = jax.device_put(tree, shardings)
+        self.params = self._variables["params"]
         self._encoders = Encoders(self.model, mesh, shardings, self.batch_size)
 
     @property
@@ -68,7 +71,7 @@ class LoadedCLIP(LoadedModel):
 
     def encode_text(self, texts: Sequence[str] | str) -> np.ndarray:
         """float32 [n, embed_dim], L2-normalised."""
-        return self._encoders.texts(self.params, self.tokenize(texts))
+        return self._encoders.texts(self._variables, self.tokenize(texts))
 
     def encode_image(self, images: Sequence[ImageLike] | ImageLike) -> np.ndarray:
         """float32 [n, embed_dim], L2-normalised, from images of any size.
@@ -89,7 +92,7 @@ class LoadedCLIP(LoadedModel):
         pixels = [self.preprocess(_checked_image(im)) for im in images]
         if not pixels:
             return np.zeros((0, self.model.towers.embed_dim), np.float32)
-        return self._encoders.images(self.params, np.stack(pixels))
+        return self._encoders.images(self._variables, np.stack(pixels))
 
 
 def _checked_image(image: Any) -> Image.Image | np.ndarray:
@@ -131,4 +134,6 @@ def load(
       batch_size: images or texts per compiled encoding call.
     """
     m = load_model(path, tokenizer=tokenizer, step=step)
-    return LoadedCLIP(m.model, m.params, m.model_config, m.tokenizer, m.preprocess, m.source, batch_size)
+    return LoadedCLIP(
+        m.model, m.params, m.model_config, m.tokenizer, m.preprocess, m.source, m.model_state, batch_size
+    )

@@ -70,9 +70,8 @@ _RANGES: list[Check] = [
     ("model.vision.image_size", _positive, "must be >= 1"),
     ("model.vision.patch_size", _positive, "must be >= 1"),
     ("model.vision.width", _positive, "must be >= 1"),
-    ("model.vision.layers", _positive, "must be >= 1"),
+    ("model.vision.type", lambda x: x in ("vit", "resnet"), "must be 'vit' or 'resnet'"),
     ("model.vision.heads", _positive, "must be >= 1"),
-    ("model.vision.mlp_dim", _positive, "must be >= 1"),
     ("model.text.vocab_size", lambda x: x >= 2, "must be >= 2"),
     ("model.text.context_length", lambda x: x >= 2, "must be >= 2 (text and end-of-text)"),
     ("model.text.width", _positive, "must be >= 1"),
@@ -134,10 +133,9 @@ _RANGES: list[Check] = [
 def _check_ranges(config: Any) -> Objective:
     schema.check_ranges(config, _RANGES, "config")
     m = config.model
-    for tower in ("vision", "text"):
-        t = m[tower]
-        if t.width % t.heads:
-            raise ConfigError(f"config.model.{tower}.width={t.width} is not divisible by heads={t.heads}")
+    _check_vision(m.vision)
+    if m.text.width % m.text.heads:
+        raise ConfigError(f"config.model.text.width={m.text.width} is not divisible by heads={m.text.heads}")
     if m.vision.image_size % m.vision.patch_size:
         raise ConfigError(
             f"config.model.vision.image_size={m.vision.image_size} is not a multiple of "
@@ -171,6 +169,12 @@ def _check_ranges(config: Any) -> Objective:
             f"config.data.augment.views={config.data.augment.views}: objective {objective.name!r} reads "
             f"{objective.views} augmented view(s) of each image; set it to {objective.views}"
         )
+    if config.optim.grad_accum_steps > 1 and m.vision.type == "resnet":
+        raise ConfigError(
+            f"config.optim.grad_accum_steps={config.optim.grad_accum_steps}: the ResNet tower "
+            "(config.model.vision.type) normalises with batch statistics, which micro-batches would "
+            "change (each would see only its own examples): use 1 (and a smaller batch or more devices)"
+        )
     if config.optim.grad_accum_steps > 1 and not objective.pooled_only:
         raise ConfigError(
             f"config.optim.grad_accum_steps={config.optim.grad_accum_steps}: objective "
@@ -192,6 +196,30 @@ def _check_ranges(config: Any) -> Objective:
         except ValueError as e:
             raise ConfigError(f"config.evals.{e}") from None
     return objective
+
+
+def _check_vision(v: Any) -> None:
+    """The image tower's shape fields: the ViT's, or the ResNet's (stages, stem width, pool heads)."""
+    if v.type == "vit":
+        vit_fields = [(f, _positive, "must be >= 1") for f in ("layers", "mlp_dim")]
+        schema.check_ranges(v, vit_fields, "config.model.vision")
+        if v.width % v.heads:
+            raise ConfigError(f"config.model.vision.width={v.width} is not divisible by heads={v.heads}")
+        return
+    if len(v.resnet_layers) != 4 or min(v.resnet_layers) < 1:
+        raise ConfigError(
+            f"config.model.vision.resnet_layers={tuple(v.resnet_layers)}: a ResNet has 4 stages of >= 1 "
+            "bottleneck each, e.g. (3, 4, 6, 3) for RN50"
+        )
+    if v.patch_size != 32:
+        raise ConfigError(
+            f"config.model.vision.patch_size={v.patch_size}: a ResNet's total stride is 32 (set 32)"
+        )
+    if (v.width * 32) % v.heads:
+        raise ConfigError(
+            f"config.model.vision.heads={v.heads} does not divide the attention pool's width "
+            f"{v.width * 32} (32 x config.model.vision.width)"
+        )
 
 
 def _check_sources(data: Any) -> None:

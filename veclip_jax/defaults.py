@@ -54,6 +54,38 @@ MODEL_SIZES: dict[str, dict] = {
         text=dict(vocab_size=32100, context_length=77, width=512, layers=12, heads=8, mlp_dim=2048),
         embed_dim=512,
     ),
+    # CLIP's ModifiedResNets (shared/spec/RESNET.md; open_clip's model configs): vision.width is the
+    # stem's, resnet_layers the bottlenecks per stage, heads the attention pool's (width * 32 / 64);
+    # patch_size is the tower's total stride (32); layers and mlp_dim are the ViT's (unused: 0). Text:
+    # CLIP's BPE vocabulary (data.tokenizer="clip_bpe"; end-of-text 49407, pad 0).
+    **{
+        name: dict(
+            vision=dict(
+                type="resnet", resnet_layers=layers, image_size=size, patch_size=32, width=w,
+                layers=0, heads=w // 2, mlp_dim=0,
+            ),
+            text=dict(vocab_size=49408, context_length=77, width=tw, layers=12, heads=tw // 64,
+                      mlp_dim=4 * tw, eos_id=49407),
+            embed_dim=embed,
+        )  # fmt: skip
+        for name, layers, w, size, embed, tw in (
+            ("RN50", (3, 4, 6, 3), 64, 224, 1024, 512),
+            ("RN101", (3, 4, 23, 3), 64, 224, 512, 512),
+            ("RN50x4", (4, 6, 10, 6), 80, 288, 640, 640),
+            ("RN50x16", (6, 8, 18, 8), 96, 384, 768, 768),
+            ("RN50x64", (3, 15, 36, 10), 128, 448, 1024, 1024),
+        )
+    },
+    # A ResNet for tests and the :local variants on a CPU: every stage, the scanned blocks of stage 1,
+    # BatchNorm and the attention pool at 64 px, with the tiny text tower (demo tokenizer).
+    "RN-tiny": dict(
+        vision=dict(
+            type="resnet", resnet_layers=(2, 1, 1, 1), image_size=64, patch_size=32, width=8,
+            layers=0, heads=4, mlp_dim=0,
+        ),
+        text=dict(vocab_size=1024, context_length=32, width=64, layers=2, heads=4, mlp_dim=256),
+        embed_dim=32,
+    ),  # fmt: skip
 }
 
 
@@ -65,11 +97,13 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             size=size,  # informative only; the fields below are what is built
-            vision=dict(s["vision"]),
-            # pad 0, end-of-text 1: T5 sentencepiece convention. mask_id: the id that masked-language
-            # modelling (DeCLIP's "tokens_mlm") puts in place of a token; -1 = the first id past the
-            # tokenizer's pieces (its vocab_size), which must still be < vocab_size.
-            text=dict(s["text"], pad_id=0, eos_id=1, mask_id=-1),
+            # type: the image tower, "vit" (models/vit.py) or "resnet" (CLIP's ModifiedResNet,
+            # models/resnet.py: BatchNorm, so no gradient accumulation); resnet_layers: its stages.
+            vision=dict(dict(type="vit", resnet_layers=(0, 0, 0, 0)), **s["vision"]),
+            # pad 0, end-of-text 1: T5 sentencepiece convention (CLIP's BPE: 49407). mask_id: the id
+            # that masked-language modelling (DeCLIP's "tokens_mlm") puts in place of a token; -1 =
+            # the first id past the tokenizer's pieces (its vocab_size), which must still be < vocab_size.
+            text=dict(dict(pad_id=0, eos_id=1, mask_id=-1), **s["text"]),
             embed_dim=s["embed_dim"],
             act="quick_gelu",  # "quick_gelu" (OpenAI CLIP, VeCLIP) or "gelu" (exact erf)
             layer_norm_eps=1e-5,  # HF CLIP's; flax's own default is 1e-6
@@ -110,6 +144,8 @@ SHARDING_RULES = (
     ("patch_w", None),
     ("channels", None),
     ("proj", None),
+    ("conv_in", None),  # ResNet kernels HWIO (models/resnet.py): input channels whole,
+    ("conv_out", "fsdp"),  # output channels over fsdp (RN50's stem has 32: fsdp <= 32 there)
 )
 
 # The fields of one entry of config.data.sources (veclip_jax/data/sources.py), with their defaults.

@@ -33,7 +33,7 @@ from veclip_jax.eval.evaluator import Evaluator, flatten
 from veclip_jax.eval.report import results_table
 from veclip_jax.eval.tasks import BENCHMARK_TASK, EvalContext
 from veclip_jax.fileio import append_text, as_path, atomic_write_text
-from veclip_jax.objectives.model import ObjectiveModel
+from veclip_jax.objectives.model import ObjectiveModel, variables
 from veclip_jax.parallel.mesh import make_mesh, replicated
 from veclip_jax.run.inference import Encoders
 from veclip_jax.run.load import LoadedModel, load_model
@@ -110,7 +110,10 @@ def run_tasks(
     devices: Sequence[jax.Device] | None = None,
     scoring: str | None = None,
 ) -> tuple[dict[str, dict[str, float]], Evaluator]:
-    """Runs registry entries for a model given by its (numpy) parameters on a data-parallel mesh.
+    """Runs registry entries for a model given by its (numpy) variables on a data-parallel mesh.
+
+    `host_params`: `objectives.model.variables(params, model_state)` ({"params": ...} and a
+    ResNet's BatchNorm running averages).
 
     The mesh spans `devices` (default: all, of every process); the parameters
     are replicated. Every process of a multi-host job calls it alike.
@@ -180,7 +183,8 @@ def evaluate(
         entries = {n: e | {"max_examples": max_examples} for n, e in entries.items()}
     uses_demo = any(e.get("dataset") == "demo" for e in entries.values())
     results, evaluator = run_tasks(
-        loaded.model, jax.device_get(loaded.params), loaded.tokenizer, loaded.preprocess, entries,
+        loaded.model, jax.device_get(variables(loaded.params, loaded.model_state)), loaded.tokenizer,
+        loaded.preprocess, entries,
         data_dir=data_dir, batch_size=batch_size, demo_files=_demo_files(run_config) if uses_demo else (),
         progress=progress, devices=devices,
     )  # fmt: skip

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from veclip_jax.data.image_ops import CLIP_MEAN, CLIP_STD
+from veclip_jax.errors import UserError
 from veclip_jax.hf import WEIGHTS
 from veclip_jax.objectives import OBJECTIVE_PARAMS
 
@@ -115,10 +116,20 @@ def params_to_hf(params: Any, logit_scale_max: float = 100.0) -> dict[str, np.nd
 # --- configs, directories -----------------------------------------------------------------------------
 
 
+def check_hf_expressible(model_cfg: Any) -> None:
+    """Refuses a model HF `CLIPModel` cannot hold: a ResNet image tower (CLIPModel's is a ViT)."""
+    if model_cfg.vision.get("type", "vit") != "vit":
+        raise UserError(
+            f"config.model.vision.type={model_cfg.vision.type!r}: HF CLIPModel has no ResNet image tower; "
+            "export with --format=open_clip (open_clip's ModifiedResNet holds it)"
+        )
+
+
 def hf_config(model_cfg: Any) -> Any:
     """A `transformers.CLIPConfig` for our model section (sizes, activation, eps, token ids)."""
     import transformers
 
+    check_hf_expressible(model_cfg)
     v, t = model_cfg.vision, model_cfg.text
     cfg = transformers.CLIPConfig(
         projection_dim=model_cfg.embed_dim,
@@ -221,12 +232,15 @@ def _publish_permissions(directory: str) -> None:
 
 
 def hf_tokenizer(tokenizer: Any, context_length: int) -> Any:
-    """A transformers tokenizer that tokenises as ours: a HF tokenizer as it is, or our
-    sentencepiece model as a T5 tokenizer (same ids, `</s>` appended, padding 0)."""
+    """A transformers tokenizer that tokenises as ours: a HF tokenizer as it is, CLIP's BPE as
+    transformers' CLIPTokenizer (veclip_jax.data.bpe.ClipBpeTokenizer.to_hf), or our sentencepiece
+    model as a T5 tokenizer (same ids, `</s>` appended, padding 0)."""
     import transformers
 
     if hasattr(tokenizer, "hf"):  # veclip_jax.data.tokenizer.HFTokenizer
         return tokenizer.hf
+    if hasattr(tokenizer, "to_hf"):  # veclip_jax.data.bpe.ClipBpeTokenizer
+        return tokenizer.to_hf()
     with tempfile.TemporaryDirectory() as spm_dir:
         with open(os.path.join(spm_dir, "spiece.model"), "wb") as f:
             f.write(tokenizer.model_proto)
@@ -322,8 +336,6 @@ def check_output(out: str, *, force: bool, source: str | None = None) -> None:
     an existing `out` needs `force`, and `force` replaces only an earlier export.
     Raises UserError naming the path.
     """
-    from veclip_jax.errors import UserError
-
     out = os.path.realpath(os.path.expanduser(out))
     if source is not None:
         src = os.path.realpath(os.path.expanduser(source))
@@ -351,6 +363,7 @@ def export_checkpoint(checkpoint: str, out: str, *, step: int | None = None, for
     run = run_path(os.path.realpath(os.path.expanduser(checkpoint)))
     check_output(out, force=force, source=run.workdir or run.checkpoints)
     trained = load_trained_params(checkpoint, step)
+    check_hf_expressible(trained.model_config)
     t = trained.model_config.text
     tokenizer = load_tokenizer(
         find_tokenizer(trained.checkpoint), t.context_length, pad_id=t.pad_id, eos_id=t.eos_id

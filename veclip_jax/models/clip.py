@@ -6,6 +6,12 @@ Parameter tree (leading "layers" axis on the scanned blocks):
   text_model/{embeddings/{token_embedding,position_embedding}, encoder/layers/..., final_layer_norm}
   visual_projection/kernel, text_projection/kernel, logit_scale
 
+The image tower is a ViT (models/vit.py) or CLIP's ModifiedResNet (models/resnet.py,
+`model.vision.type="resnet"`): its attention pool projects to the joint embedding itself, so a
+ResNet has no visual_projection, and its BatchNorm running averages are the "batch_stats"
+collection beside "params" (`CLIP.stateful`): training updates them (`outputs(..., train=True)`,
+statistics of the global batch), every other use reads them.
+
 Towers only: a training objective's own parameters (SigLIP's bias, SLIP's
 MLP, ...) are the objective's, composed with these towers outside models/
 (veclip_jax/objectives/model.py), beside them in one tree under objective/.
@@ -23,13 +29,16 @@ import jax.numpy as jnp
 
 from veclip_jax.batch import TEXT_INPUTS
 from veclip_jax.models.layers import TransformerConfig, l2_normalize, with_axes
+from veclip_jax.models.resnet import ModifiedResNet, ResNetConfig
 from veclip_jax.models.text import TextTransformer
 from veclip_jax.models.vit import VisionTransformer
 
 # What `CLIP.outputs(batch, needs)` can give (an objective's `needs`), and from which batch key:
 #   image_{embeds,projected,pooled,tokens}   batch["image"]: the L2-normalised embedding, the
 #       projection before normalisation, the pooled class token before the projection, the
-#       patch tokens of the last block (before post_layernorm) [B, N, width]
+#       patch tokens of the last block (before post_layernorm) [B, N, width]; for a ResNet, the
+#       attention pool's output (pooled = projected) and the last feature map's positions
+#       [B, (S/32)^2, 32 x width]
 #   view_{embeds,projected,pooled,tokens}    the same for each augmented view of batch["views"]
 #       [B, V, S, S, 3]: tuples of V arrays
 #   {text,mlm,eda}_{embeds,tokens}           the token rows the batch schema marks as encoded
@@ -55,7 +64,7 @@ class CLIP(nn.Module):
     which gives the named OUTPUTS an objective reads.
     """
 
-    vision: TransformerConfig
+    vision: TransformerConfig | ResNetConfig
     text: TransformerConfig
     image_size: int
     patch_size: int
@@ -66,10 +75,24 @@ class CLIP(nn.Module):
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = 100.0
 
+    @property
+    def stateful(self) -> bool:
+        """Whether the towers keep variables besides "params" (a ResNet's BatchNorm "batch_stats")."""
+        return isinstance(self.vision, ResNetConfig)
+
+    @property
+    def vision_token_width(self) -> int:
+        """The width of the image tokens ("image_tokens"): the ViT's, or the ResNet's last map's channels."""
+        return self.vision.token_width if self.stateful else self.vision.width
+
     def setup(self) -> None:
-        self.vision_model = VisionTransformer(self.vision, self.image_size, self.patch_size)
+        if self.stateful:
+            self.vision_model = ModifiedResNet(self.vision)
+            self.visual_projection = lambda x: x  # the attention pool ends in the joint embedding
+        else:
+            self.vision_model = VisionTransformer(self.vision, self.image_size, self.patch_size)
+            self.visual_projection = self._projection(self.vision)
         self.text_model = TextTransformer(self.text, self.vocab_size, self.context_length, self.eos_id)
-        self.visual_projection = self._projection(self.vision)
         self.text_projection = self._projection(self.text)
         self.logit_scale = self.param(
             "logit_scale", with_axes(nn.initializers.constant(self.logit_scale_init)), ()
@@ -84,15 +107,21 @@ class CLIP(nn.Module):
             kernel_init=with_axes(nn.initializers.normal(cfg.width**-0.5), "embed", "proj"),
         )
 
+    def _vision(self, images: jax.Array, train: bool, return_tokens: bool = False) -> Any:
+        if self.stateful:
+            return self.vision_model(images, train=train, return_tokens=return_tokens)
+        return self.vision_model(images, return_tokens=return_tokens)
+
     def encode_image(self, images: jax.Array) -> jax.Array:
-        return l2_normalize(self.visual_projection(self.vision_model(images)))
+        return l2_normalize(self.visual_projection(self._vision(images, train=False)))
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         return l2_normalize(self.text_projection(self.text_model(tokens)))
 
     def image_tokens(self, images: jax.Array) -> jax.Array:
-        """The vision tower's patch tokens of the last block [B, N, vision width] (no class token)."""
-        return self.vision_model(images, return_tokens=True)[1]
+        """The vision tower's tokens [B, N, vision_token_width]: the ViT's patch tokens of the last
+        block (no class token), the ResNet's last feature map's positions."""
+        return self._vision(images, train=False, return_tokens=True)[1]
 
     def text_tokens(self, tokens: jax.Array) -> jax.Array:
         """The text tower's final_layer_norm output at every position [B, L, text width]."""
@@ -113,12 +142,12 @@ class CLIP(nn.Module):
             "logit_scale": self.scale(),
         }
 
-    def _image(self, images: jax.Array, want: set[str]) -> dict[str, jax.Array]:
+    def _image(self, images: jax.Array, want: set[str], train: bool) -> dict[str, jax.Array]:
         out = {}
         if "tokens" in want:
-            pooled, out["tokens"] = self.vision_model(images, return_tokens=True)
+            pooled, out["tokens"] = self._vision(images, train, return_tokens=True)
         else:
-            pooled = self.vision_model(images)
+            pooled = self._vision(images, train)
         out["pooled"] = pooled
         if want & {"embeds", "projected"}:
             out["projected"] = self.visual_projection(pooled)
@@ -135,17 +164,23 @@ class CLIP(nn.Module):
             out["embeds"] = l2_normalize(self.text_projection(pooled))
         return out
 
-    def outputs(self, batch: Mapping[str, jax.Array], needs: tuple[str, ...]) -> dict[str, Any]:
-        """The OUTPUTS named in `needs`, computed from a training batch (veclip_jax/batch.py keys)."""
+    def outputs(
+        self, batch: Mapping[str, jax.Array], needs: tuple[str, ...], train: bool = True
+    ) -> dict[str, Any]:
+        """The OUTPUTS named in `needs`, computed from a training batch (veclip_jax/batch.py keys).
+
+        `train`: a ResNet normalises with the batch's statistics and updates its running averages
+        (apply with mutable=["batch_stats"]); the image and each view are separate batches to it.
+        """
         unknown = set(needs) - set(OUTPUTS)
         if unknown:
             raise ValueError(f"unknown model outputs {sorted(unknown)}: the towers give {OUTPUTS}")
         want = lambda prefix: {n.split("_", 1)[1] for n in needs if n.startswith(prefix + "_")}
         out: dict[str, Any] = {}
         if w := want("image"):
-            out.update({f"image_{k}": v for k, v in self._image(batch["image"], w).items()})
+            out.update({f"image_{k}": v for k, v in self._image(batch["image"], w, train).items()})
         if w := want("view"):
-            views = [self._image(batch["views"][:, v], w) for v in range(batch["views"].shape[1])]
+            views = [self._image(batch["views"][:, v], w, train) for v in range(batch["views"].shape[1])]
             out.update({f"view_{k}": tuple(v[k] for v in views) for k in w})
         for prefix, key in TEXT_INPUTS.items():
             if w := want(prefix) - {"valid"}:
@@ -174,8 +209,21 @@ def build_model(model_cfg: Any, *, unroll: bool = False, logit_scale_init: float
         attention=model_cfg.attention,
     )
     v, t = model_cfg.vision, model_cfg.text
+    if v.get("type", "vit") == "resnet":
+        vision = ResNetConfig(
+            layers=tuple(v.resnet_layers),
+            width=v.width,
+            heads=v.heads,
+            image_size=v.image_size,
+            embed_dim=model_cfg.embed_dim,
+            dtype=common["dtype"],
+            remat=model_cfg.remat,
+            unroll=unroll,
+        )
+    else:
+        vision = TransformerConfig(v.width, v.layers, v.heads, v.mlp_dim, causal=False, **common)
     return CLIP(
-        vision=TransformerConfig(v.width, v.layers, v.heads, v.mlp_dim, causal=False, **common),
+        vision=vision,
         text=TransformerConfig(t.width, t.layers, t.heads, t.mlp_dim, causal=True, **common),
         image_size=v.image_size,
         patch_size=v.patch_size,

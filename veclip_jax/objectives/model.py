@@ -44,7 +44,8 @@ class ObjectiveModel(nn.Module):
     @property
     def dims(self) -> TowerDims:
         t = self.towers
-        return TowerDims(t.vision.width, t.text.width, t.embed_dim, t.vocab_size, t.vision.dtype)
+        vision_width = t.embed_dim if t.stateful else t.vision.width  # the pooled image features
+        return TowerDims(vision_width, t.text.width, t.embed_dim, t.vocab_size, t.vision.dtype)
 
     @property
     def batch_dims(self) -> batch_schema.Dims:
@@ -60,10 +61,12 @@ class ObjectiveModel(nn.Module):
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         return self.towers.encode_text(tokens)
 
-    def outputs(self, batch: Mapping[str, jax.Array]) -> dict[str, Any]:
-        """What the objective needs from a training batch: the towers' outputs, its heads' as "objective"."""
+    def outputs(self, batch: Mapping[str, jax.Array], train: bool = True) -> dict[str, Any]:
+        """What the objective needs from a training batch: the towers' outputs, its heads' as "objective".
+        In training (`train`) a ResNet's BatchNorm uses the batch's statistics and updates its
+        running averages: apply with mutable=["batch_stats"] (`apply_outputs`)."""
         needs = tuple(n for n in self.spec.needs if n != OBJECTIVE_PARAMS)
-        out = self.towers.outputs(batch, needs)
+        out = self.towers.outputs(batch, needs, train)
         if OBJECTIVE_PARAMS in self.spec.needs:
             out[OBJECTIVE_PARAMS] = self.objective(out)
         return out
@@ -84,7 +87,7 @@ class ObjectiveModel(nn.Module):
         """(float32 [B, L, D_tok] mapped text tokens, unit norm per token and zero at padding;
         bool [B, L] validity: the caption through its end-of-text token, as the outputs' text_valid)."""
         x = self.towers.text_tokens(tokens)
-        empty = jnp.zeros((x.shape[0], 0, self.towers.vision.width), x.dtype)
+        empty = jnp.zeros((x.shape[0], 0, self.towers.vision_token_width), x.dtype)
         mapped = self.objective({"view_tokens": (empty,), "text_tokens": x})["text_tokens"]
         valid = self.towers.text_valid(tokens)
         return jnp.where(valid[..., None], l2_normalize(mapped), 0.0), valid
@@ -103,9 +106,42 @@ def init_batch(model: ObjectiveModel, batch: int = 2) -> dict[str, jax.Array]:
     return {k: jnp.asarray(v) for k, v in zeros.items()}
 
 
+# The towers' variable collections besides "params": a ResNet's BatchNorm running averages. They
+# travel as the train state's `model_state` ({} for a ViT), beside the parameters, never trained.
+MODEL_STATE = ("batch_stats",)
+
+
+def variables(params: Any, model_state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What `model.apply` takes: the parameters and the model state (BatchNorm's running averages)."""
+    return {"params": params, **(model_state or {})}
+
+
+def apply_outputs(
+    model: ObjectiveModel, params: Any, model_state: Mapping[str, Any], batch: Mapping[str, jax.Array]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The training outputs and the model state after them (a ResNet's updated running averages;
+    {} for a ViT): the one place training applies the model."""
+    out, new_state = model.apply(
+        variables(params, model_state), batch, method=ObjectiveModel.outputs, mutable=list(MODEL_STATE)
+    )
+    return out, dict(new_state)
+
+
+def init_variables(model: ObjectiveModel, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
+    """Fresh (parameters (logically boxed), model state): the objective's heads included."""
+    v = dict(model.init(rng, init_batch(model), method=ObjectiveModel.outputs))
+    params = v.pop("params")
+    return params, {k: v[k] for k in MODEL_STATE if k in v}
+
+
 def init_params(model: ObjectiveModel, rng: jax.Array) -> Any:
     """Fresh parameters (logically boxed), the objective's heads included."""
-    return model.init(rng, init_batch(model), method=ObjectiveModel.outputs)["params"]
+    return init_variables(model, rng)[0]
+
+
+def abstract_model_state(model: ObjectiveModel) -> dict[str, Any]:
+    """The model state as ShapeDtypeStructs ({} for a ViT; no memory used)."""
+    return jax.eval_shape(lambda r: init_variables(model, r)[1], jax.random.key(0))
 
 
 def _abstract_params(model: ObjectiveModel) -> Any:

@@ -24,8 +24,11 @@ import orbax.checkpoint as ocp
 from veclip_jax.errors import CheckpointError
 from veclip_jax.fileio import as_path
 from veclip_jax.objectives import Objective, make_objective
-from veclip_jax.objectives.model import abstract_params, build
+from veclip_jax.objectives.model import abstract_model_state, abstract_params, build
 from veclip_jax.run.workdir import STEP_PARAMS, RunPath, run_path
+
+# The checkpoint item of a ResNet's BatchNorm running averages (train/checkpoint.py writes it).
+MODEL_STATE_ITEM = "model_state"
 
 
 def _first_line(e: BaseException) -> str:
@@ -112,6 +115,20 @@ def restore_params(
     read only the entries of `abstract_params` (e.g. the towers of a
     checkpoint trained with another objective's heads).
     """
+    params, _, meta = restore_variables(path, abstract_params, step=step, partial=partial)
+    return params, meta
+
+
+def restore_variables(
+    path: str,
+    abstract_params: Any | None = None,
+    abstract_model_state: Any | None = None,
+    *,
+    step: int | None = None,
+    partial: bool = False,
+) -> tuple[Any, dict, dict]:
+    """(params, model state, meta): `restore_params`, and, when `abstract_model_state` is given
+    (a ResNet's BatchNorm running averages), the checkpoint's model state item placed as it says."""
     run = resolve_checkpoint(path, step)
     mngr = _read_only_manager(run.checkpoints)
     try:
@@ -120,8 +137,17 @@ def restore_params(
             item = ocp.args.PyTreeRestore(abstract_params, restore_args=restore_args, partial_restore=True)
         else:
             item = ocp.args.StandardRestore(abstract_params)
-        args = ocp.args.Composite(params=item, meta=ocp.args.JsonRestore())
-        r = mngr.restore(run.step, args=args)
+        items = dict(params=item, meta=ocp.args.JsonRestore())
+        if abstract_model_state:
+            if not (as_path(run.step_dir) / MODEL_STATE_ITEM).is_dir():
+                raise CheckpointError(
+                    f"{run.step_dir} has no {MODEL_STATE_ITEM}/ (the BatchNorm running averages its "
+                    "ResNet tower needs): it was not written by a ResNet run"
+                )
+            items[MODEL_STATE_ITEM] = ocp.args.StandardRestore(abstract_model_state)
+        r = mngr.restore(run.step, args=ocp.args.Composite(**items))
+    except CheckpointError:
+        raise
     except Exception as e:
         raise _unreadable(run.checkpoints, run.step, e, mngr) from e
     finally:
@@ -129,7 +155,11 @@ def restore_params(
     params = r["params"]
     if abstract_params is not None:  # Orbax gives plain containers: our structure back
         params = jax.tree.unflatten(jax.tree.structure(abstract_params), jax.tree.leaves(params))
-    return params, dict(r["meta"], checkpoint=run.step_dir, step=run.step)
+    model_state = {}
+    if abstract_model_state:
+        leaves = jax.tree.leaves(r[MODEL_STATE_ITEM])
+        model_state = jax.tree.unflatten(jax.tree.structure(abstract_model_state), leaves)
+    return params, model_state, dict(r["meta"], checkpoint=run.step_dir, step=run.step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +170,8 @@ class TrainedParams:
     params: Any  # on one device
     checkpoint: str  # the step directory read
     objective: Objective  # the run's, from its config.objective (its heads are in params["objective"])
+    # The towers' other variable collections ({"batch_stats": ...} for a ResNet, {} for the ViT).
+    model_state: dict = dataclasses.field(default_factory=dict)
 
 
 def load_trained_params(path: str, step: int | None = None) -> TrainedParams:
@@ -154,7 +186,9 @@ def load_trained_params(path: str, step: int | None = None) -> TrainedParams:
     # The objective's own parameters (SigLIP's bias) are part of the saved tree: build them too.
     saved = meta["config"].get("objective")
     objective = make_objective(ml_collections.ConfigDict(saved) if saved else None)
-    shapes = abstract_params(build(model_cfg, objective))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-    params, meta = restore_params(path, abstract, step=meta["step"])
-    return TrainedParams(model_cfg, params, meta["checkpoint"], objective)
+    model = build(model_cfg, objective)
+    place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+    abstract = jax.tree.map(place, abstract_params(model))
+    abstract_state = jax.tree.map(place, abstract_model_state(model))
+    params, model_state, meta = restore_variables(path, abstract, abstract_state, step=meta["step"])
+    return TrainedParams(model_cfg, params, meta["checkpoint"], objective, model_state)

@@ -36,6 +36,9 @@ class LoadedModel:
     tokenizer: Tokenizer | HFTokenizer
     preprocess: EvalPreprocess
     source: str  # what was loaded (a checkpoint step directory or a HF directory)
+    # The towers' other variable collections: {"batch_stats": ...} (a ResNet's BatchNorm running
+    # averages, used at evaluation), {} for the ViT. Apply with {"params": params, **model_state}.
+    model_state: dict = dataclasses.field(default_factory=dict)
 
 
 def _load_ours(path: str, step: int | None, tokenizer: str | None) -> LoadedModel:
@@ -52,7 +55,7 @@ def _load_ours(path: str, step: int | None, tokenizer: str | None) -> LoadedMode
     # With the run's objective: its heads are in the parameters, and a FILIP run is evaluated through
     # them (token-wise, veclip_jax/eval/tokenwise.py).
     model = build(cfg, trained.objective)
-    return LoadedModel(model, trained.params, cfg, tok, preprocess, trained.checkpoint)
+    return LoadedModel(model, trained.params, cfg, tok, preprocess, trained.checkpoint, trained.model_state)
 
 
 def load_model(path: str, *, tokenizer: str | None = None, step: int | None = None) -> LoadedModel:

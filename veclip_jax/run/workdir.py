@@ -6,7 +6,8 @@
     checkpoints-damaged/STEP-TIME/  checkpoints that failed to restore, set aside
     .lock               held by the running trainer (host, pid)
     config.json         the config the run last ran with
-    spiece.model        the run's sentencepiece tokenizer (or tokenizer/, a HF tokenizer directory)
+    spiece.model        the run's sentencepiece tokenizer (or tokenizer/, a HF tokenizer directory,
+                        or bpe_simple_vocab_16e6.txt.gz, CLIP's BPE: data.tokenizer="clip_bpe")
     metrics.jsonl       training metrics, a line per logged step
     eval.jsonl          evaluations, a line per evaluated step
     tensorboard/        event files
@@ -38,6 +39,8 @@ DAMAGED_CHECKPOINTS = "checkpoints-damaged"  # damaged checkpoints, set aside (n
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "spiece.model"  # a sentencepiece model, copied into the workdir
 TOKENIZER_DIR = "tokenizer"  # ... or a HF tokenizer directory
+CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # ... or CLIP's BPE vocabulary (veclip_jax/data/bpe.py)
+TOKENIZER_NAMES = (TOKENIZER_FILE, TOKENIZER_DIR, CLIP_BPE_FILE)
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -90,11 +93,12 @@ def find_tokenizer(path: str) -> str:
     """
     run = run_path(path)
     where = run.workdir or run.checkpoints
-    for name in (TOKENIZER_FILE, TOKENIZER_DIR):
+    for name in TOKENIZER_NAMES:
         if (as_path(where) / name).exists():
             return os.path.join(where, name)
     raise FileNotFoundError(
-        f"no tokenizer ({TOKENIZER_FILE} or {TOKENIZER_DIR}/) next to {path}: pass tokenizer=PATH"
+        f"no tokenizer ({TOKENIZER_FILE}, {TOKENIZER_DIR}/ or {CLIP_BPE_FILE}) next to {path}: "
+        "pass tokenizer=PATH"
     )
 
 
@@ -119,18 +123,37 @@ def _same_tokenizer(kept: str, given: str, is_dir: bool) -> bool:
     return _tokenizer_files(kept, is_dir) == _tokenizer_files(given, is_dir)
 
 
+def _kept_name(workdir: str, tokenizer_path: str, is_dir: bool) -> str:
+    """The workdir's name for this kind of tokenizer; refuses a workdir that keeps another kind."""
+    name = CLIP_BPE_FILE if tokenizer_path.endswith(".txt.gz") else TOKENIZER_FILE
+    name = TOKENIZER_DIR if is_dir else name
+    for other in TOKENIZER_NAMES:
+        if other != name and (as_path(workdir) / other).exists():
+            raise ConfigError(
+                f"config.data.tokenizer ({tokenizer_path}) differs from the tokenizer this workdir was "
+                f"trained with ({os.path.join(workdir, other)}); use a new workdir, or the same tokenizer"
+            )
+    return name
+
+
 def keep_tokenizer(workdir: str, tokenizer_path: str, *, writer: bool) -> str:
     """Keeps a copy of the run's tokenizer in the workdir (by the writing process); returns its path.
 
     A resumed run must use the tokenizer the workdir was trained with: a
-    different sentencepiece model, or a HF tokenizer directory whose files
-    changed, is refused (ConfigError naming the field).
+    different sentencepiece model, a HF tokenizer directory whose files
+    changed, or another kind of tokenizer, is refused (ConfigError naming the
+    field). CLIP's BPE ("clip_bpe") is kept as its vocabulary file, so the
+    workdir does not depend on the installed open_clip.
     """
+    if tokenizer_path == "clip_bpe":  # the built-in name: its file (data.pipeline resolves it too)
+        from veclip_jax.data import bpe
+
+        tokenizer_path = bpe.resolve(tokenizer_path)
     if not is_local(workdir):
         return _keep_tokenizer_remote(workdir, tokenizer_path, writer=writer)
     os.makedirs(workdir, exist_ok=True)
     is_dir = os.path.isdir(tokenizer_path)
-    kept = os.path.join(workdir, TOKENIZER_DIR if is_dir else TOKENIZER_FILE)
+    kept = os.path.join(workdir, _kept_name(workdir, tokenizer_path, is_dir))
     if os.path.exists(kept):
         if not _same_tokenizer(kept, tokenizer_path, is_dir):
             raise ConfigError(
@@ -151,7 +174,7 @@ def _keep_tokenizer_remote(workdir: str, tokenizer_path: str, *, writer: bool) -
     """keep_tokenizer for a gs:// workdir: the same checks, through epath (no rename: plain copies)."""
     source = as_path(tokenizer_path)
     is_dir = source.is_dir()
-    kept = as_path(workdir) / (TOKENIZER_DIR if is_dir else TOKENIZER_FILE)
+    kept = as_path(workdir) / _kept_name(workdir, tokenizer_path, is_dir)
     if kept.exists():
         if not _same_tokenizer(os.fspath(kept), tokenizer_path, is_dir):
             raise ConfigError(

@@ -8,6 +8,8 @@ A checkpoint is one Orbax `CheckpointManager` step directory under
           text queue), "objective_state": the rest of the TrainState
   data    the grain iterator state, one file per process
   meta    JSON: the loop step, the non-finite streak, the run's config
+  model_state  only for towers with one (a ResNet's BatchNorm running averages, {"batch_stats":
+          ...}): beside params, restorable alone for evaluation, export and init_from
 
 Saves are asynchronous (the arrays are copied to host memory, then written in
 the background while training continues) and atomic: Orbax writes into
@@ -44,7 +46,7 @@ import orbax.checkpoint as ocp
 
 from veclip_jax.errors import CheckpointError, UserError
 from veclip_jax.fileio import normalize
-from veclip_jax.run.checkpoint import _first_line, _restore_meta
+from veclip_jax.run.checkpoint import MODEL_STATE_ITEM, _first_line, _restore_meta
 from veclip_jax.run.workdir import DAMAGED_CHECKPOINTS
 from veclip_jax.train.state import TrainState
 
@@ -62,6 +64,11 @@ def _train_item(state: TrainState) -> dict[str, Any]:
     if state.objective_state:
         train["objective_state"] = state.objective_state
     return train
+
+
+def _ours(structure: Any, restored: Any) -> Any:
+    """Orbax rebuilds containers as plain tuples/dicts: the restored leaves in `structure`'s tree."""
+    return jax.tree.unflatten(jax.tree.structure(structure), jax.tree.leaves(restored))
 
 
 class Checkpointer:
@@ -92,12 +99,15 @@ class Checkpointer:
     def save(self, step: int, state: TrainState, data_iter: Any, meta: dict[str, Any]) -> None:
         """Starts saving (returns once the arrays are copied off the devices); raises on failure."""
         train = _train_item(state)
-        args = ocp.args.Composite(
+        items = dict(
             params=ocp.args.StandardSave(state.params),
             train=ocp.args.StandardSave(train),
             data=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave(meta),
         )
+        if state.model_state:  # a ViT's checkpoints keep their four items
+            items[MODEL_STATE_ITEM] = ocp.args.StandardSave(state.model_state)
+        args = ocp.args.Composite(**items)
         with self._reporting_failures(step):
             self._mngr.save(step, args=args, force=True)
             self._pending = step
@@ -108,24 +118,24 @@ class Checkpointer:
         """The train state at `step`, placed as `abstract_state` says; moves `data_iter` to its position."""
         s = abstract_state
         abstract_train = _train_item(s)
-        r = self._mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(s.params),
-                train=ocp.args.StandardRestore(abstract_train),
-                data=grain.checkpoint.CheckpointRestore(data_iter),
-                meta=ocp.args.JsonRestore(),
-            ),
+        items = dict(
+            params=ocp.args.StandardRestore(s.params),
+            train=ocp.args.StandardRestore(abstract_train),
+            data=grain.checkpoint.CheckpointRestore(data_iter),
+            meta=ocp.args.JsonRestore(),
         )
-        # Orbax rebuilds containers as plain tuples/dicts; put the leaves back into our structure.
-        params = jax.tree.unflatten(jax.tree.structure(s.params), jax.tree.leaves(r["params"]))
-        train = jax.tree.unflatten(jax.tree.structure(abstract_train), jax.tree.leaves(r["train"]))
+        if s.model_state:
+            items[MODEL_STATE_ITEM] = ocp.args.StandardRestore(s.model_state)
+        r = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        params = _ours(s.params, r["params"])
+        train = _ours(abstract_train, r["train"])
         state = TrainState(
             step=train["step"],
             params=params,
             opt_state=train["opt_state"],
             nonfinite_steps=train["nonfinite_steps"],
             objective_state=train.get("objective_state", {}),
+            model_state=_ours(s.model_state, r[MODEL_STATE_ITEM]) if s.model_state else {},
         )
         return state, dict(r["meta"])
 
@@ -220,4 +230,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self._mngr.close()
-

@@ -45,9 +45,10 @@ from veclip_jax.eval.tasks import EvalContext
 from veclip_jax.fileio import atomic_write_text, json_safe, normalize
 from veclip_jax.hf.from_hf import check_same_model, import_params, is_hf_clip_dir
 from veclip_jax.objectives import OBJECTIVE_PARAMS, Objective
+from veclip_jax.objectives.model import variables
 from veclip_jax.parallel.hardware import check_devices
 from veclip_jax.parallel.mesh import global_batch, make_mesh
-from veclip_jax.run.checkpoint import restore_params
+from veclip_jax.run.checkpoint import restore_variables
 from veclip_jax.run.inference import Encoders
 from veclip_jax.run.workdir import CHECKPOINTS, CONFIG_FILE, WorkdirLock, keep_tokenizer
 from veclip_jax.train.assembly import Assembly, assemble
@@ -182,7 +183,15 @@ def train(
                     _save(ckpt, step, state, train_iter, monitor.streak, config)
                     saved_step = step
                 if eval_due:
-                    result = _evaluate(evaluator, state.params, step, total, writer, monitor, ckpt)
+                    result = _evaluate(
+                        evaluator,
+                        variables(state.params, state.model_state),
+                        step,
+                        total,
+                        writer,
+                        monitor,
+                        ckpt,
+                    )
                     last_eval = last_eval if result is None else result
             if preempted:
                 break
@@ -262,17 +271,21 @@ def _initial_state(
     if config.init_from:
         # The towers (and temperature) come from init_from; the objective's own parameters start
         # fresh, since the source may have been trained with another objective (or none: HF).
-        placement = run.abstract_state().params
-        towers = {k: v for k, v in placement.items() if k != OBJECTIVE_PARAMS}
+        abstract = run.abstract_state()
+        towers = {k: v for k, v in abstract.params.items() if k != OBJECTIVE_PARAMS}
+        model_state = state.model_state
         if is_hf_clip_dir(config.init_from):
             params = import_params(config.init_from, towers)
             log.info("parameters from the HF CLIP directory %s", config.init_from)
         else:
-            params, meta = restore_params(config.init_from, towers, partial=True)
+            # A ResNet's BatchNorm running averages come with its parameters.
+            params, model_state, meta = restore_variables(
+                config.init_from, towers, abstract.model_state, partial=True
+            )
             log.info("parameters from %s (step %s)", meta["checkpoint"], meta["step"])
         if OBJECTIVE_PARAMS in state.params:
             log.info("init_from: the objective's own parameters (%s) start fresh", OBJECTIVE_PARAMS)
-        state = state.replace(params={**state.params, **params})
+        state = state.replace(params={**state.params, **params}, model_state=model_state)
     return state, 0, 0
 
 
@@ -287,7 +300,13 @@ def _make_evaluator(
         return None
     size = config.model.vision.image_size
     ctx = EvalContext(
-        Encoders(run.model, run.mesh, run.shardings.params, config.eval_batch_size, run.rules),
+        Encoders(
+            run.model,
+            run.mesh,
+            variables(run.shardings.params, run.shardings.model_state),
+            config.eval_batch_size,
+            run.rules,
+        ),
         tokenizer,
         EvalPreprocess(size, size),  # the evaluation transform that veclip_jax.load and export use
         demo_files=sources.eval_files if sources.is_demo else (),

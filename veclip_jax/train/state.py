@@ -13,7 +13,13 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from veclip_jax.objectives.model import ObjectiveModel, abstract_params, init_params, param_logical_specs
+from veclip_jax.objectives.model import (
+    ObjectiveModel,
+    abstract_model_state,
+    abstract_params,
+    init_variables,
+    param_logical_specs,
+)
 from veclip_jax.parallel.mesh import replicated
 from veclip_jax.parallel.rules import DEFAULT_RULES, LogicalRules
 
@@ -26,6 +32,9 @@ class TrainState:
     nonfinite_steps: jax.Array  # int32 scalar: updates skipped for a non-finite loss/gradient
     # The objective's own state (DeCLIP's text queue; objectives/base.py), {} for most objectives.
     objective_state: Any = flax.struct.field(default_factory=dict)
+    # The towers' non-trained variables (objectives/model.py MODEL_STATE): a ResNet's BatchNorm
+    # running averages {"batch_stats": ...}, updated by every applied step; {} for a ViT.
+    model_state: Any = flax.struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +51,8 @@ def state_shardings(
     """NamedShardings for every leaf of the train state, from the logical rules.
 
     Optimizer moments follow their parameter; scalars (counts) are replicated;
-    the objective's state follows the logical axes it declares.
+    the objective's state follows the logical axes it declares; the model state (BatchNorm running
+    averages, a few thousand floats per layer) is replicated.
     """
     param_sh = nn.logical_to_mesh_sharding(param_logical_specs(model), mesh, rules)
     rep = replicated(mesh)
@@ -52,8 +62,14 @@ def state_shardings(
     )
     axes = model.spec.state_axes()
     objective_sh = {k: nn.logical_to_mesh_sharding(P(*v), mesh, rules) for k, v in axes.items()}
+    model_sh = jax.tree.map(lambda _: rep, abstract_model_state(model))
     return TrainState(
-        step=rep, params=param_sh, opt_state=opt_sh, nonfinite_steps=rep, objective_state=objective_sh
+        step=rep,
+        params=param_sh,
+        opt_state=opt_sh,
+        nonfinite_steps=rep,
+        objective_state=objective_sh,
+        model_state=model_sh,
     )
 
 
@@ -74,7 +90,8 @@ def init_train_state(
 
 def _init_fn(model: ObjectiveModel, tx: optax.GradientTransformation):
     def init(rng: jax.Array) -> TrainState:
-        params = nn.unbox(init_params(model, rng))
+        params, model_state = init_variables(model, rng)
+        params = nn.unbox(params)
         zero = jnp.zeros((), jnp.int32)
         return TrainState(
             step=zero,
@@ -82,6 +99,7 @@ def _init_fn(model: ObjectiveModel, tx: optax.GradientTransformation):
             opt_state=tx.init(params),
             nonfinite_steps=zero,
             objective_state=model.spec.init_state(jax.random.fold_in(rng, 1), model.dims),
+            model_state=model_state,
         )
 
     return init

@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from veclip_jax.batch import FIELDS
 from veclip_jax.objectives.base import OBJECTIVE_PARAMS
-from veclip_jax.objectives.model import ObjectiveModel
+from veclip_jax.objectives.model import ObjectiveModel, apply_outputs
 from veclip_jax.parallel.axes import BATCH_AXES
 from veclip_jax.parallel.mesh import batch_sharding, replicated
 from veclip_jax.parallel.rules import DEFAULT_RULES, LogicalRules
@@ -99,12 +99,20 @@ def make_train_step(
     replicated scalars. A non-finite loss or gradient leaves the parameters,
     optimizer state and objective state unchanged and counts the step in
     `state.nonfinite_steps`. The model's objective (`model.spec`) gives the
-    loss and metrics.
+    loss and metrics. A ResNet's BatchNorm normalises with the statistics of the
+    global batch (a mean over the sharded batch axis is the whole batch's, on any
+    mesh) and its running averages (`state.model_state`) advance with every applied
+    step; a skipped step leaves them unchanged too.
     """
     k = grad_accum_steps
     if k < 1:
         raise ValueError(f"config.optim.grad_accum_steps={k} must be >= 1")
     objective = model.spec
+    if k > 1 and model.towers.stateful:
+        raise ValueError(
+            f"config.optim.grad_accum_steps={k}: the ResNet tower's BatchNorm statistics would be "
+            "each micro-batch's, not the batch's; use 1"
+        )
     if k > 1 and not objective.pooled_only:
         raise ValueError(
             f"config.optim.grad_accum_steps={k}: objective {objective.name!r} does not support exact "
@@ -116,17 +124,21 @@ def make_train_step(
     def apply(params: Any, images: jax.Array, tokens: jax.Array) -> dict[str, Any]:
         return model.apply({"params": params}, images, tokens)
 
-    def grads_full_batch(params: Any, batch: Batch, obj_state: Any) -> tuple[Any, dict[str, jax.Array], Any]:
-        def loss_fn(p: Any) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
-            outputs = model.apply({"params": p}, batch, method=ObjectiveModel.outputs)
+    def grads_full_batch(
+        params: Any, batch: Batch, obj_state: Any, model_state: Any
+    ) -> tuple[Any, dict[str, jax.Array], Any, Any]:
+        def loss_fn(p: Any) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any, Any]]:
+            outputs, new_model_state = apply_outputs(model, p, model_state, batch)
             loss, metrics = objective(outputs, batch, mesh=mesh, state=obj_state)
-            return loss, (metrics, outputs)
+            return loss, (metrics, outputs, new_model_state)
 
-        (_, (metrics, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (_, (metrics, outputs, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         new_obj_state = objective.next_state(jax.lax.stop_gradient(outputs), obj_state)
-        return grads, metrics, new_obj_state
+        return grads, metrics, new_obj_state, new_model_state
 
-    def grads_accumulated(params: Any, batch: Batch, obj_state: Any) -> tuple[Any, dict[str, jax.Array], Any]:
+    def grads_accumulated(
+        params: Any, batch: Batch, obj_state: Any, model_state: Any
+    ) -> tuple[Any, dict[str, jax.Array], Any, Any]:
         micro = jax.tree.map(lambda x: _split(x, k, mesh), batch)
 
         def embed(p: Any, mb: Batch) -> tuple[jax.Array, jax.Array]:
@@ -163,12 +175,14 @@ def make_train_step(
         grads["logit_scale"] = grads["logit_scale"] + g_scale
         if own:
             grads[OBJECTIVE_PARAMS] = jax.tree.map(jnp.add, grads[OBJECTIVE_PARAMS], g_own)
-        return grads, metrics, obj_state
+        return grads, metrics, obj_state, model_state  # no model state: refused above
 
     compute_grads = grads_full_batch if k == 1 else grads_accumulated
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        grads, metrics, obj_state = compute_grads(state.params, batch, state.objective_state)
+        grads, metrics, obj_state, model_state = compute_grads(
+            state.params, batch, state.objective_state, state.model_state
+        )
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -180,6 +194,7 @@ def make_train_step(
             opt_state=keep(opt_state, state.opt_state),
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
             objective_state=keep(obj_state, state.objective_state),
+            model_state=keep(model_state, state.model_state),
         )
         metrics = dict(metrics, grad_norm=grad_norm, **{STEP_APPLIED: finite.astype(jnp.float32)})
         if learning_rate_fn is not None:
