@@ -273,6 +273,12 @@ def _check_hardware_and_data(config: Any) -> None:
         except UserError as e:
             raise ConfigError(str(e)) from None
     d = config.data
+    if d.require_sources and not d.sources:
+        raise ConfigError(
+            "config.data.sources is empty: this config's corpus is a mixture whose composition was never "
+            "released (config.data.require_sources); give its parts as config.data.sources in a config "
+            "that imports this one (README: Mixtures), or run its :local variant"
+        )
     if not d.allow_demo and not d.train_files and not d.sources:
         raise ConfigError(
             "config.data.train_files (or config.data.sources) is empty and this config does not train on "

@@ -260,6 +260,9 @@ def _data() -> ml_collections.ConfigDict:
             # With no train_files / sources: train on the generated demo data. Paper configs set
             # False, so a run given no data is refused instead of silently training on the demo.
             allow_demo=True,
+            # A corpus that must be a mixture (data.sources), e.g. DeCLIP-88M's, whose composition
+            # was never released: such a config refuses data.train_files alone, naming the field.
+            require_sources=False,
             cache_dir="~/.cache/veclip_jax",  # where the demo data is generated once
             vecap_prob=0.5,  # P(VeCap caption) per example per epoch; 0 = AltText only (CLIP)
             max_bad_fraction=0.01,  # more skipped records than this in a window is an error

@@ -70,7 +70,7 @@ import grain
 import numpy as np
 
 from veclip_jax import batch
-from veclip_jax.data import image_ops, lane_streams, records, seeds
+from veclip_jax.data import bpe, image_ops, lane_streams, records, seeds
 from veclip_jax.data import sources as sources_mod
 from veclip_jax.data.preprocess import Preprocess, extra_spec, image_spec
 from veclip_jax.data.skip_and_batch import SkipBadAndBatchIterDataset
@@ -118,10 +118,12 @@ def resolve_sources(config: ml_collections.ConfigDict) -> DataSources:
         demo_data = demo.ensure_demo_data(d.cache_dir)
     specs = sources_mod.resolve_source_specs(config, None if has_data else list(demo_data.train_files))
     if d.tokenizer:
-        tok = os.path.expanduser(d.tokenizer)
+        # "clip_bpe" becomes open_clip's vocabulary file: the file a run keeps (veclip_jax/data/bpe.py)
+        tok = bpe.resolve(d.tokenizer) if bpe.is_clip_bpe(d.tokenizer) else os.path.expanduser(d.tokenizer)
         if not os.path.isfile(tok) and not is_hf_tokenizer_dir(tok):
             raise FileNotFoundError(
-                f"data.tokenizer is neither a sentencepiece model nor a HF tokenizer directory: {tok}"
+                f"data.tokenizer is neither a sentencepiece model, a HF tokenizer directory nor "
+                f"\"{bpe.NAME}\" (or a copy of its {bpe.VOCAB_FILE}): {tok}"
             )
     elif has_data:  # validate_config refuses this before any work; this guards direct callers
         raise ValueError(

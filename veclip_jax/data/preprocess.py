@@ -203,7 +203,7 @@ def _mask_spec(
             "captions (tokens_mlm) would index past the text embedding table. Raise model.text.vocab_size "
             "or set model.text.mask_id to an id the tokenizer does not use"
         )
-    hf_special: list[int] = []
+    hf_special = [int(i) for i in getattr(tokenizer, "special_ids", ())]  # CLIP BPE's start and end
     unk = getattr(tokenizer, "unk_id", None)
     if isinstance(tokenizer, HFTokenizer):
         hf_special = [int(i) for i in tokenizer.hf.all_special_ids]

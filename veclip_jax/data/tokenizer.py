@@ -14,6 +14,10 @@ kept text, even when the caption was truncated.
 
 Train a model from shards' captions (both fields) with
     python launch/make_tokenizer.py --input='data/train-*.array_record' --out=spiece.model
+
+`load_tokenizer` also takes a HuggingFace tokenizer directory (`HFTokenizer`)
+and CLIP's BPE, `data.tokenizer="clip_bpe"` (veclip_jax/data/bpe.py: open_clip's
+ids, start 49406, end 49407, padding 0).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sentencepiece as spm
@@ -29,6 +33,9 @@ import sentencepiece as spm
 from veclip_jax import fileio
 from veclip_jax.data import captions, records
 from veclip_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from veclip_jax.data.bpe import ClipBpeTokenizer
 
 # T5's ids (and therefore VeCLIP's). Also the defaults of configs/base.py.
 PAD_ID = 0
@@ -217,8 +224,13 @@ def is_hf_tokenizer_dir(path: str | os.PathLike) -> bool:
 
 def load_tokenizer(
     path: str | os.PathLike, context_length: int, *, pad_id: int, eos_id: int
-) -> Tokenizer | HFTokenizer:
-    """A sentencepiece model file (T5 convention), or a HuggingFace tokenizer directory."""
+) -> Tokenizer | HFTokenizer | ClipBpeTokenizer:
+    """A sentencepiece model file (T5 convention), a HuggingFace tokenizer directory, or CLIP's BPE
+    (the built-in name "clip_bpe", or a copy of its `.txt.gz` merges file: veclip_jax/data/bpe.py)."""
+    from veclip_jax.data import bpe  # imports this module (TokenizerError)
+
+    if bpe.is_clip_bpe(path):
+        return bpe.ClipBpeTokenizer(path, context_length, pad_id=pad_id, eos_id=eos_id)
     if is_hf_tokenizer_dir(path):
         return HFTokenizer(path, context_length, eos_id=eos_id)
     return Tokenizer(path, context_length, pad_id=pad_id, eos_id=eos_id)

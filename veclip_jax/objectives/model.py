@@ -131,7 +131,7 @@ def init_variables(model: ObjectiveModel, rng: jax.Array) -> tuple[Any, dict[str
     """Fresh (parameters (logically boxed), model state): the objective's heads included."""
     v = dict(model.init(rng, init_batch(model), method=ObjectiveModel.outputs))
     params = v.pop("params")
-    return params, {k: v[k] for k in MODEL_STATE if k in v}
+    return params, nn.unbox({k: v[k] for k in MODEL_STATE if k in v})
 
 
 def init_params(model: ObjectiveModel, rng: jax.Array) -> Any:

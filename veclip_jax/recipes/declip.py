@@ -1,11 +1,15 @@
 """The DeCLIP toolkit's YFCC-15M recipe (shared/spec/OBJECTIVES.md, part A) as configs, per objective.
 
-`configs/yfcc15m_{clip,siglip,slip,declip,filip,defilip}_vitb32.py` call `declip_config(objective, arg)`.
-What the toolkit's configs set, and we copy (OBJECTIVES.md A.2, A.3):
+`configs/yfcc15m_{clip,siglip,slip,declip,filip,defilip}_vitb32.py` call `declip_config(objective, arg)`,
+`configs/yfcc15m_{clip,slip,declip,filip}_r50.py` `declip_config(objective, arg, tower="r50")`, and
+`configs/declip88m_declip_{r50,vitb32}.py` `declip88m_config(tower, arg)`.
+What the toolkit's configs set, and we copy (OBJECTIVES.md A.2, A.3; RESNET.md):
 
-- towers: ViT-B/32 at 224 px and CLIP's text transformer (12 layers, width
-  512, 8 heads, 77 positions), embedding 512 (defaults.MODEL_SIZES["B/32"]; T5
-  vocabulary, see there);
+- towers: ViT-B/32 at 224 px, or CLIP's ModifiedResNet-50 (defaults.MODEL_SIZES["RN50"]:
+  attention pooling to a 1,024-d embedding), and CLIP's text transformer (12
+  layers, width 512, 8 heads, 77 positions), embedding 512 for the ViT;
+- CLIP's BPE tokenizer (data.tokenizer="clip_bpe") with the toolkit's mask token:
+  49,409 ids, end-of-text 49407, mask 49408;
 - global batch 4,096 (128 per GPU x 32 GPUs), 128,001 iterations (~34 passes
   over 15.4M pairs; the README says "32 epochs");
 - AdamW betas (0.9, 0.98), eps 1e-8; a linear warm-up from `base_lr` 1e-4
@@ -38,6 +42,18 @@ Per objective:
 - DeFILIP (A.6): DeCLIP's recipe + 0.2 x FILIP (view 1, masked caption).
   Reported 45.0.
 
+ResNet-50 rows (RESNET.md; reported ImageNet zero-shot top-1, 32 epochs): CLIP
+37.2, DeCLIP 44.4, SLIP 28.5, FILIP 21.3. The optimizer is the toolkit's CLIP
+RN50 config's (peak 1e-3 from 1e-4 over 2,500 steps, weight decay 0.1, none on
+BN/LN/biases/temperature), used for every RN50 objective: the notes quote no
+other RN50 optimizer. BatchNorm statistics are the global batch's (the
+toolkit's RN50 configs use per-GPU BN, `use_sync_bn: False`): the same update
+on any mesh, and no gradient accumulation.
+
+DeCLIP-88M (DeCLIP RN50 62.5, ViT-B/32 66.2): the DeCLIP recipe above on a
+corpus whose composition was never released, so those configs require
+data.sources (data.require_sources) and refuse to run without.
+
 Not copied: the toolkit's ImageNet mean/std normalisation (ours is CLIP's), its
 clamp of the log-temperature to [3, 6] before each step, and its loss-spike
 rollback (A.1). `arg` "local" gives the local variant: the same objective and
@@ -66,6 +82,20 @@ RECIPES: dict[str, tuple[float, float, float | None]] = {
     "filip": (5e-4, 0.5, 39.5),
     "defilip": (1e-3, 0.1, 45.0),
 }
+# The ResNet-50 rows (RESNET.md): objective -> (peak, weight decay, reported top-1).
+RECIPES_R50: dict[str, tuple[float, float, float | None]] = {
+    "clip": (1e-3, 0.1, 37.2),
+    "slip": (1e-3, 0.1, 28.5),
+    "declip": (1e-3, 0.1, 44.4),
+    "filip": (1e-3, 0.1, 21.3),
+}
+# DeCLIP-88M's reported ImageNet zero-shot top-1 per tower.
+DECLIP88M = {"r50": 62.5, "vitb32": 66.2}
+# tower -> (model size, its :local size, the recipe table)
+TOWERS = {"vitb32": ("B/32", "tiny", RECIPES), "r50": ("RN50", "RN-tiny", RECIPES_R50)}
+# CLIP's BPE with the toolkit's mask token (49,408 + 1 ids), as every toolkit config tokenizes.
+BPE_VOCAB = 49_409
+
 # objective -> augmented views per image (data.augment.views); the others read the standard crop only.
 VIEWS = {"slip": 2, "declip": 2, "filip": 1, "defilip": 2}
 
@@ -77,16 +107,27 @@ def _objective_fields(c: ml_collections.ConfigDict, objective: str) -> None:
         c.data.augment.views = VIEWS[objective]
 
 
-def declip_config(objective: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """The YFCC-15M ViT-B/32 config for `objective` (a key of RECIPES); `arg` "local": its local variant."""
+def resnet_mesh_rules() -> tuple:
+    """The hardware rules of the RN50 configs: data parallel (38M + 64M parameters fit every chip;
+    BatchNorm wants whole examples per device), bfloat16."""
+    rule = {"mesh.data": -1, "mesh.fsdp": 1, "model.dtype": "bfloat16"}
+    return ((r"tpu-.*", rule), (r"gpu-.*", rule))
+
+
+def declip_config(objective: str, arg: str | None = None, tower: str = "vitb32") -> ml_collections.ConfigDict:
+    """The YFCC-15M config for `objective` (a key of the tower's recipe table) on `tower` ("vitb32",
+    "r50"); `arg` "local": its local variant."""
     if arg not in (None, "", "local"):
-        raise ValueError(f"configs/yfcc15m_{objective}_vitb32.py:{arg}: the only variant is :local")
-    peak, weight_decay, _ = RECIPES[objective]
+        raise ValueError(f"configs/yfcc15m_{objective}_{tower}.py:{arg}: the only variant is :local")
+    size, _, recipes = TOWERS[tower]
+    peak, weight_decay, _ = recipes[objective]
     if arg == "local":
-        return local_variant(objective)
-    c = defaults.get_config("B/32")
+        return local_variant(objective, tower)
+    c = defaults.get_config(size)
     _objective_fields(c, objective)
-    if objective == "filip":
+    c.data.tokenizer = "clip_bpe"
+    c.model.text.update(vocab_size=BPE_VOCAB, eos_id=49_407)
+    if objective == "filip" and tower == "vitb32":
         c.model.embed_dim = 768  # the toolkit's FILIP config (embed_dim: 768)
     c.batch_size = BATCH_SIZE
     c.total_steps = TOTAL_STEPS
@@ -103,7 +144,11 @@ def declip_config(objective: str, arg: str | None = None) -> ml_collections.Conf
         eps=1e-8,
         weight_decay=weight_decay,
     )
-    c.mesh_rules = mesh_rules("B/32")
+    if tower == "r50":
+        c.mesh_rules = resnet_mesh_rules()
+        c.hardware = "tpu-v5p-64"  # 32 chips x 128 images: the toolkit's 32 GPUs x 128
+    else:
+        c.mesh_rules = mesh_rules("B/32")
     c.data.allow_demo = False
     c.data.vecap_prob = 0.0  # YFCC-15M: AltTexts only
     c.data.crop_scale = (0.5, 1.0)
@@ -131,10 +176,24 @@ def tiny_objective(c: ml_collections.ConfigDict, objective: str) -> None:
         c.objective[objective].update(TINY_HEADS[objective])
 
 
-def local_variant(objective: str) -> ml_collections.ConfigDict:
+def declip88m_config(tower: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """DeCLIP on DeCLIP-88M with `tower` ("r50", "vitb32"): the YFCC-15M DeCLIP recipe; the corpus
+    (never released) must be given as data.sources."""
+    c = declip_config("declip", arg, tower)
+    if arg != "local":
+        c.data.require_sources = True
+        c.hardware = "tpu-v5p-64"
+    return c
+
+
+def local_variant(objective: str, tower: str = "vitb32") -> ml_collections.ConfigDict:
     """The objective's code path on a CPU: tiny towers, the demo data's AltTexts, a few steps."""
-    peak, weight_decay, _ = RECIPES[objective]
-    c = local_base("B/32")
+    size, local_size, recipes = TOWERS[tower]
+    peak, weight_decay, _ = recipes[objective]
+    c = local_base(size)
+    if local_size != "tiny":
+        c.model = defaults.model_config(local_size)
+        c.mesh_rules = resnet_mesh_rules()
     tiny_objective(c, objective)
     c.optim.update(warmup_init_lr=min(WARMUP_INIT_LR, peak), learning_rate=peak)
     c.optim.update(b1=0.9, b2=0.98, eps=1e-8, weight_decay=weight_decay)
