@@ -27,7 +27,7 @@ EXPERIMENTS = sorted(
 
 
 # Named variants of experiment files (`--config=configs/demo.py:alttext`), each with its golden file.
-VARIANTS = {"demo": ["alttext", "vecap"], "base": ["B/16", "L/14", "H/14"]}
+VARIANTS = {"demo": ["alttext", "vecap"], "base": ["B/16", "L/14", "H/14", "RN50"]}
 NAMED = EXPERIMENTS + [f"{name}:{arg}" for name, args in VARIANTS.items() for arg in args]
 
 
@@ -38,7 +38,12 @@ def _load(name: str):
 
 
 # Paper configs need their corpus to validate (tests/test_paper_configs.py); their :local variants do not.
-PAPER = sorted(veclip.RUNS) + [f"yfcc15m_{o}_vitb32" for o in recipes_declip.RECIPES]
+PAPER = (
+    sorted(veclip.RUNS)
+    + [f"yfcc15m_{o}_vitb32" for o in recipes_declip.RECIPES]
+    + [f"yfcc15m_{o}_r50" for o in recipes_declip.RECIPES_R50]
+    + [f"declip88m_declip_{t}" for t in recipes_declip.DECLIP88M]
+)
 VALID = [n for n in NAMED if n not in PAPER] + [f"{n}:local" for n in PAPER]
 
 

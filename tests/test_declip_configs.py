@@ -102,3 +102,74 @@ def test_warm_up_starts_from_warmup_init_lr():
     c.optim.warmup_init_lr = 1e-3  # above the peak of 5e-4
     with pytest.raises(ConfigError, match=r"config\.optim\.warmup_init_lr=0\.001"):
         validate_config(c, num_devices=8)
+
+
+R50 = sorted(recipes_declip.RECIPES_R50)
+
+
+def _r50(objective: str, arg: str | None = None):
+    module = importlib.import_module(f"configs.yfcc15m_{objective}_r50")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+@pytest.mark.parametrize("objective", R50)
+def test_the_toolkit_rn50_recipe(objective):
+    """RESNET.md: CLIP's ModifiedResNet-50, the toolkit's CLIP RN50 optimizer, CLIP's BPE + mask token."""
+    c = _r50(objective)
+    assert c.objective.name == objective
+    v = c.model.vision
+    assert (c.model.size, v.type, tuple(v.resnet_layers), v.width, v.heads, v.image_size) == (
+        "RN50", "resnet", (3, 4, 6, 3), 64, 32, 224,
+    )  # fmt: skip
+    assert (c.model.embed_dim, c.model.text.width, c.model.text.layers, c.model.text.heads) == (
+        1024,
+        512,
+        12,
+        8,
+    )
+    assert (c.data.tokenizer, c.model.text.vocab_size, c.model.text.eos_id, c.model.text.pad_id) == (
+        "clip_bpe", 49_409, 49_407, 0,
+    )  # fmt: skip
+    assert (c.batch_size, c.total_steps, c.optim.warmup_steps, c.optim.warmup_init_lr) == (
+        4096,
+        128_001,
+        2500,
+        1e-4,
+    )
+    assert (c.optim.learning_rate, c.optim.weight_decay, c.optim.b1, c.optim.b2, c.optim.eps) == (
+        1e-3, 0.1, 0.9, 0.98, 1e-8,
+    )  # fmt: skip
+    assert c.optim.grad_accum_steps == 1 and c.hardware == "tpu-v5p-64"
+    assert c.data.augment.views == {"slip": 2, "declip": 2, "filip": 1}.get(objective, c.data.augment.views)
+
+
+def test_the_rn50_and_declip88m_docstrings_state_the_reported_result():
+    reported = {"clip": 37.2, "declip": 44.4, "slip": 28.5, "filip": 21.3}  # RESNET.md
+    for objective, top1 in reported.items():
+        doc = importlib.import_module(f"configs.yfcc15m_{objective}_r50").__doc__
+        assert f"top-1 {top1}" in doc and recipes_declip.RECIPES_R50[objective][2] == top1
+    for tower, top1 in {"r50": 62.5, "vitb32": 66.2}.items():
+        doc = importlib.import_module(f"configs.declip88m_declip_{tower}").__doc__
+        assert f"top-1 {top1}" in doc and recipes_declip.DECLIP88M[tower] == top1
+
+
+@pytest.mark.parametrize("tower", ["r50", "vitb32"])
+def test_declip88m_requires_its_sources_naming_the_field(tower):
+    c = importlib.import_module(f"configs.declip88m_declip_{tower}").get_config()
+    assert c.objective.name == "declip" and c.data.require_sources
+    c.data.train_files = "/data/yfcc15m/train-*.array_record"  # one corpus is not DeCLIP-88M's mixture
+    with pytest.raises(ConfigError, match=r"config\.data\.sources is empty"):
+        validate_config(c, num_devices=8)
+    c.data.train_files = ""
+    c.data.sources = {"yfcc15m": {"files": "/data/yfcc15m/train-*.array_record"}}
+    validate_config(c, num_devices=8)
+    local = importlib.import_module(f"configs.declip88m_declip_{tower}").get_config("local")
+    validate_config(local, num_devices=8)
+    assert local.model.size == ("RN-tiny" if tower == "r50" else "tiny") and not local.data.require_sources
+
+
+@pytest.mark.parametrize("objective", R50)
+def test_rn50_local_variant_is_a_resnet_on_the_demo_data(objective):
+    c = _r50(objective, "local")
+    validate_config(c, num_devices=8)
+    assert c.objective.name == objective and c.model.vision.type == "resnet" and c.data.allow_demo

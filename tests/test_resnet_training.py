@@ -178,3 +178,16 @@ def test_the_hf_export_refuses_a_resnet_naming_the_format_that_holds_it(straight
     with pytest.raises(UserError, match="no ResNet image tower.*--format=open_clip"):
         export_checkpoint(straight, str(out))
     assert not out.exists()
+
+
+def test_a_checkpoint_saved_before_the_tower_field_existed_resumes_as_a_vit():
+    from veclip_jax.train.resume import check_saved_config
+
+    config = recipes_declip.local_variant("clip")  # a ViT run
+    saved = config.to_dict()
+    del saved["model"]["vision"]["type"], saved["model"]["vision"]["resnet_layers"]
+    del saved["data"]["require_sources"]
+    check_saved_config(config, {"config": saved}, 2)  # absent then = its default ("vit") then
+    resnet = _config("clip")
+    with pytest.raises(ConfigError, match=r"config\.model\.vision\.type 'vit' -> 'resnet'"):
+        check_saved_config(resnet, {"config": saved}, 2)

@@ -17,6 +17,7 @@ from typing import Any
 
 import ml_collections
 
+from veclip_jax import defaults
 from veclip_jax.errors import ConfigError
 from veclip_jax.train.optim import learning_rate_schedule
 
@@ -46,6 +47,17 @@ _SCHEDULE_FIELDS = ("total_steps", "optim.learning_rate", "optim.warmup_steps", 
 _DATA_FIELDS = ("data.train_files", "data.sources", "data.vecap_prob")
 
 
+def _with_defaults(saved: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """`saved` with the fields it lacks taken from `base` (the defaults), section by section."""
+    out = dict(saved)
+    for key, value in base.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict) and key not in ("evals", "sources"):
+            out[key] = _with_defaults(out[key], value)
+    return out
+
+
 def _under(field: str, sections: tuple[str, ...]) -> bool:
     return any(field == f"config.{s}" or field.startswith(f"config.{s}.") for s in sections)
 
@@ -60,6 +72,8 @@ def check_saved_config(config: ml_collections.ConfigDict, meta: dict[str, Any], 
     saved = meta.get("config")
     if not saved:
         return
+    # A field added to the schema since the checkpoint was saved had its default then.
+    saved = _with_defaults(saved, json.loads(defaults.get_config().to_json_best_effort()))
     current = config.to_dict()
     changed = _changed(current, saved, "config")
     for section in _RESTORE_FIELDS:
