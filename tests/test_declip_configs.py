@@ -173,3 +173,13 @@ def test_rn50_local_variant_is_a_resnet_on_the_demo_data(objective):
     c = _r50(objective, "local")
     validate_config(c, num_devices=8)
     assert c.objective.name == objective and c.model.vision.type == "resnet" and c.data.allow_demo
+
+
+@pytest.mark.parametrize("field, value", [("eos_id", 1), ("pad_id", 3)])
+def test_clip_bpe_ids_are_checked_before_any_compute(field, value):
+    c = _r50("clip")
+    c.data.train_files = "/data/yfcc15m/train-*.array_record"
+    validate_config(c, num_devices=8)
+    c.model.text[field] = value
+    with pytest.raises(ConfigError, match=rf"config\.model\.text\.{field}={value}.*clip_bpe"):
+        validate_config(c, num_devices=8)

@@ -152,6 +152,8 @@ def _check_ranges(config: Any) -> Objective:
             "own id, or -1 (the first id past the tokenizer's)"
         )
     _check_sources(config.data)
+    if config.data.tokenizer == "clip_bpe":
+        _check_clip_bpe(m.text)
     if (config.data.train_files or config.data.sources) and not config.data.tokenizer:
         raise ConfigError(
             "config.data.tokenizer is empty but config.data.train_files (or sources) is set: real data "
@@ -196,6 +198,19 @@ def _check_ranges(config: Any) -> Objective:
         except ValueError as e:
             raise ConfigError(f"config.evals.{e}") from None
     return objective
+
+
+def _check_clip_bpe(t: Any) -> None:
+    """CLIP's BPE has fixed ids: refuse a text tower that would read them differently, before any compute."""
+    from veclip_jax.data import bpe  # numpy only; the tokenizer itself loads at the run's start
+
+    want = {"eos_id": bpe.EOS_ID, "pad_id": bpe.PAD_ID}
+    for name, value in want.items():
+        if t[name] != value:
+            raise ConfigError(
+                f'config.model.text.{name}={t[name]}: data.tokenizer="clip_bpe" has {name} {value}'
+            )
+    # vocab_size: the outside-vocab_size check of eos_id (49407) already asks for >= 49,408.
 
 
 def _check_vision(v: Any) -> None:
