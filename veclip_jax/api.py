@@ -123,6 +123,7 @@ def load(
     tokenizer: str | None = None,
     step: int | None = None,
     batch_size: int = 64,
+    model_name: str | None = None,
 ) -> LoadedCLIP:
     """A model to embed images and texts with (see the module doc).
 
@@ -132,8 +133,10 @@ def load(
       tokenizer: a sentencepiece model or HF tokenizer directory, for a HF
         directory without one (or to override the one found).
       batch_size: images or texts per compiled encoding call.
+      model_name: open_clip's model config (e.g. "RN50-quickgelu") for a bare open_clip state dict
+        (an open_clip directory with open_clip_config.json needs none).
     """
-    m = load_model(path, tokenizer=tokenizer, step=step)
+    m = load_model(path, tokenizer=tokenizer, step=step, model_name=model_name)
     return LoadedCLIP(
         m.model, m.params, m.model_config, m.tokenizer, m.preprocess, m.source, m.model_state, batch_size
     )

@@ -3,7 +3,8 @@
 
 PATH is anything `veclip_jax.load` reads: a training workdir (its newest
 checkpoint, or --step), a checkpoint directory, a HuggingFace CLIP directory,
-a released VeCLIP checkpoint (with --tokenizer=T5's spiece.model). Tasks:
+a released VeCLIP checkpoint (with --tokenizer=T5's spiece.model), an open_clip
+local-dir or a bare open_clip state dict (with --model_name=RN50, ViT-B-32, ...). Tasks:
 the standard ones by name (imagenet, imagenet_v2, coco, flickr30k, cifar10,
 cifar100, ... see veclip_jax/eval/registry.py), `folder:DIR` (an ImageFolder
 tree), `tfds:NAME[:SPLIT]`, `linear_probe:TASK`, or the names of a workdir's
@@ -31,6 +32,9 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", "", "Where the JSON files go.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images or texts per global encoding batch.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer for a HF dir without one (VeCLIP).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: the newest).")
+_MODEL_NAME = flags.DEFINE_string(
+    "model_name", None, "open_clip's model config (RN50, ViT-B-32, ...) for a bare open_clip state dict."
+)
 _MAX = flags.DEFINE_integer("max_examples", 0, "Only the first N examples of each dataset (0 = all).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 
@@ -60,6 +64,7 @@ def main(argv: list[str]) -> None:
         out = evaluate(
             _MODEL.value, _TASKS.value, data_dir=_DATA_DIR.value, output_dir=_OUTPUT_DIR.value,
             batch_size=_BATCH.value, tokenizer=_TOKENIZER.value, step=_STEP.value, max_examples=_MAX.value,
+            model_name=_MODEL_NAME.value,
         )  # fmt: skip
     except (UserError, DatasetError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -60,6 +60,8 @@ class EvalRun:
 
 def _run_of(source: str) -> RunPath | None:
     """The run a loaded model comes from, if it is a checkpoint in a workdir of ours (with its config)."""
+    if not as_path(source).is_dir():  # a bare state dict (open_clip): no run of ours
+        return None
     run = run_path(source)
     if run.workdir and run.step is not None and as_path(os.path.join(run.workdir, CONFIG_FILE)).exists():
         return run
@@ -161,6 +163,7 @@ def evaluate(
     progress: bool = True,
     devices: Sequence[jax.Device] | None = None,
     loaded: LoadedModel | None = None,
+    model_name: str | None = None,
 ) -> EvalRun:
     """Evaluates the model at `path` on `tasks` (see the module doc and registry.standard_task).
 
@@ -172,8 +175,9 @@ def evaluate(
       batch_size: images or texts per global encoding batch.
       max_examples: evaluate the first N examples of each dataset only (0 = all).
       loaded: an already loaded model (e.g. a `veclip_jax.load` result; path then only names it).
+      model_name: open_clip's model config (e.g. RN50) for a bare open_clip state dict at `path`.
     """
-    loaded = loaded or load_model(path, tokenizer=tokenizer, step=step)
+    loaded = loaded or load_model(path, tokenizer=tokenizer, step=step, model_name=model_name)
     run = _run_of(loaded.source)
     workdir = run.workdir if run else None
     run_config = json.loads(as_path(os.path.join(workdir, CONFIG_FILE)).read_text()) if workdir else None

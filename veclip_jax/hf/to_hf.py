@@ -313,12 +313,17 @@ def save_hf_directory(
 
 
 def _looks_like_export(path: str) -> bool:
-    """An empty directory, or one holding a HF CLIP config and weights and no training state of ours."""
+    """An empty directory, or one holding a HF CLIP (or open_clip) config and weights and no training
+    state of ours."""
     from veclip_jax.hf.from_hf import is_hf_clip_dir
     from veclip_jax.run.workdir import CHECKPOINTS
 
     if os.path.isdir(path) and not os.listdir(path):
         return True  # nothing to lose
+    from veclip_jax.openclip.export import is_open_clip_export
+
+    if is_open_clip_export(path) and not os.path.exists(os.path.join(path, CHECKPOINTS)):
+        return True  # an open_clip export (launch/export.py --format=open_clip)
     try:
         return (
             is_hf_clip_dir(path)

@@ -58,11 +58,23 @@ def _load_ours(path: str, step: int | None, tokenizer: str | None) -> LoadedMode
     return LoadedModel(model, trained.params, cfg, tok, preprocess, trained.checkpoint, trained.model_state)
 
 
-def load_model(path: str, *, tokenizer: str | None = None, step: int | None = None) -> LoadedModel:
+def load_model(
+    path: str, *, tokenizer: str | None = None, step: int | None = None, model_name: str | None = None
+) -> LoadedModel:
     """The model at `path`: a training workdir, its checkpoints directory or one step's directory
-    (the newest step unless `step`), or a HF CLIP directory. `tokenizer`: a sentencepiece model or HF
-    tokenizer directory, for a HF directory without one (or to override the one found)."""
+    (the newest step unless `step`), a HF CLIP directory, or an open_clip checkpoint (a local-dir, or
+    a bare state dict with `model_name`, veclip_jax/openclip/load.py). `tokenizer`: a sentencepiece
+    model or HF tokenizer directory, for a HF directory without one (or to override the one found)."""
     path = os.path.expanduser(path)
+    # An open_clip local-dir or bare state dict (`model_name`: its open_clip model config, e.g. RN50).
+    from veclip_jax.openclip.load import import_open_clip, is_open_clip
+
+    if model_name or is_open_clip(path):
+        oc = import_open_clip(path, model_name=model_name, tokenizer=tokenizer)
+        model = build(oc.model_config)
+        return LoadedModel(
+            model, oc.params, oc.model_config, oc.tokenizer, oc.preprocess, oc.source, oc.model_state
+        )
     if is_hf_clip_dir(path):
         model_cfg, params, tok = import_hf(path, tokenizer)
         model = build(model_cfg)

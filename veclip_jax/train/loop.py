@@ -46,6 +46,7 @@ from veclip_jax.fileio import atomic_write_text, json_safe, normalize
 from veclip_jax.hf.from_hf import check_same_model, import_params, is_hf_clip_dir
 from veclip_jax.objectives import OBJECTIVE_PARAMS, Objective
 from veclip_jax.objectives.model import variables
+from veclip_jax.openclip import load as openclip_load
 from veclip_jax.parallel.hardware import check_devices
 from veclip_jax.parallel.mesh import global_batch, make_mesh
 from veclip_jax.run.checkpoint import restore_variables
@@ -249,6 +250,11 @@ def _check_config(
             check_same_model(config.init_from, config.model)
         except ValueError as e:
             raise ConfigError(f"config.init_from: {e}") from None
+    elif config.init_from and openclip_load.is_open_clip(config.init_from):
+        try:
+            openclip_load.check_same_model(config.init_from, config.model)
+        except ValueError as e:
+            raise ConfigError(f"config.init_from: {e}") from None
     return checked
 
 
@@ -277,6 +283,11 @@ def _initial_state(
         if is_hf_clip_dir(config.init_from):
             params = import_params(config.init_from, towers)
             log.info("parameters from the HF CLIP directory %s", config.init_from)
+        elif openclip_load.is_open_clip(config.init_from):  # BatchNorm running averages too, for a ResNet
+            params, model_state = openclip_load.import_params(
+                config.init_from, towers, abstract.model_state, config.model
+            )
+            log.info("parameters from the open_clip checkpoint %s", config.init_from)
         else:
             # A ResNet's BatchNorm running averages come with its parameters.
             params, model_state, meta = restore_variables(
