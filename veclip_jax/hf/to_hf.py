@@ -9,6 +9,7 @@ the image size, bicubic, centre crop, CLIP mean/std).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -355,27 +356,46 @@ def check_output(out: str, *, force: bool, source: str | None = None) -> None:
                             "or holds checkpoints; refusing to replace it, even with --force")  # fmt: skip
 
 
-def export_checkpoint(checkpoint: str, out: str, *, step: int | None = None, force: bool = False) -> str:
-    """A workdir / checkpoint of ours -> a transformers CLIP directory at `out` (see `save_hf_directory`)."""
+@dataclasses.dataclass(frozen=True)
+class ExportSource:
+    """What an export reads of a run: its trained parameters (float32, on the host) and tokenizer."""
+
+    trained: Any  # run.checkpoint.TrainedParams, arrays as numpy float32
+    tokenizer: Any
+
+
+def read_export_source(
+    checkpoint: str, out: str, *, step: int | None, force: bool, check: Callable[[Any], None]
+) -> ExportSource:
+    """The checks every export makes, in order, then what it reads: `out` may not touch the run
+    exported from (checked before anything is loaded); `check(model_cfg)` refuses a model the format
+    cannot hold; then the parameters, the model state and the run's own tokenizer."""
     import jax
 
     from veclip_jax.data.tokenizer import load_tokenizer
     from veclip_jax.run.checkpoint import load_trained_params
     from veclip_jax.run.workdir import find_tokenizer, run_path
 
-    # The run exported from (its workdir, else its checkpoints directory) is what an export must not
-    # touch: checked before anything is loaded.
     run = run_path(os.path.realpath(os.path.expanduser(checkpoint)))
     check_output(out, force=force, source=run.workdir or run.checkpoints)
     trained = load_trained_params(checkpoint, step)
-    check_hf_expressible(trained.model_config)
+    check(trained.model_config)
     t = trained.model_config.text
     tokenizer = load_tokenizer(
         find_tokenizer(trained.checkpoint), t.context_length, pad_id=t.pad_id, eos_id=t.eos_id
     )
+    host = lambda tree: jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), tree)
+    trained = dataclasses.replace(trained, params=host(trained.params), model_state=host(trained.model_state))
+    return ExportSource(trained, tokenizer)
+
+
+def export_checkpoint(checkpoint: str, out: str, *, step: int | None = None, force: bool = False) -> str:
+    """A workdir / checkpoint of ours -> a transformers CLIP directory at `out` (see `save_hf_directory`)."""
+    src = read_export_source(checkpoint, out, step=step, force=force, check=check_hf_expressible)
+    trained, tokenizer = src.trained, src.tokenizer
     return save_hf_directory(
         out,
-        jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), trained.params),
+        trained.params,
         trained.model_config,
         tokenizer,
         force=force,

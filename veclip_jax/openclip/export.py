@@ -37,6 +37,7 @@ from veclip_jax.hf.to_hf import (
     hf_tokenizer,
     objective_heads,
     objective_params,
+    read_export_source,
     remove_stale_temporaries,
 )
 from veclip_jax.openclip.config import (
@@ -153,29 +154,15 @@ def save_open_clip_directory(
 
 def export_open_clip(checkpoint: str, out: str, *, step: int | None = None, force: bool = False) -> str:
     """A workdir / checkpoint of ours -> an open_clip local-dir directory at `out`."""
-    import jax
-
-    from veclip_jax.data.tokenizer import load_tokenizer
-    from veclip_jax.run.checkpoint import load_trained_params
-    from veclip_jax.run.workdir import find_tokenizer, run_path
-
-    run = run_path(os.path.realpath(os.path.expanduser(checkpoint)))
-    check_output(out, force=force, source=run.workdir or run.checkpoints)
-    trained = load_trained_params(checkpoint, step)
-    check_expressible(trained.model_config)
-    t = trained.model_config.text
-    tokenizer = load_tokenizer(
-        find_tokenizer(trained.checkpoint), t.context_length, pad_id=t.pad_id, eos_id=t.eos_id
-    )
-    host = lambda tree: jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), tree)
+    src = read_export_source(checkpoint, out, step=step, force=force, check=check_expressible)
     return save_open_clip_directory(
         out,
-        host(trained.params),
-        trained.model_config,
-        tokenizer,
-        model_state=host(trained.model_state),
+        src.trained.params,
+        src.trained.model_config,
+        src.tokenizer,
+        model_state=src.trained.model_state,
         force=force,
-        objective=trained.objective.name,
+        objective=src.trained.objective.name,
     )
 
 
