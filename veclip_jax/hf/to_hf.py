@@ -9,6 +9,7 @@ the image size, bicubic, centre crop, CLIP mean/std).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -232,6 +233,25 @@ def _publish_permissions(directory: str) -> None:
         os.chmod(os.path.join(directory, name), 0o666 & ~umask)
 
 
+@contextlib.contextmanager
+def publishing(out: str) -> Iterator[str]:
+    """A private temporary directory beside `out` to write an export into; on success it replaces
+    `out` in one rename (a reader never sees half an export), on failure it is removed. Leftovers of
+    an export killed mid-way are removed first (`remove_stale_temporaries`)."""
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    remove_stale_temporaries(out)
+    tmp = tempfile.mkdtemp(prefix=_temp_prefix(out), dir=parent)
+    try:
+        yield tmp
+        _publish_permissions(tmp)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def hf_tokenizer(tokenizer: Any, context_length: int) -> Any:
     """A transformers tokenizer that tokenises as ours: a HF tokenizer as it is, CLIP's BPE as
     transformers' CLIPTokenizer (veclip_jax.data.bpe.ClipBpeTokenizer.to_hf), or our sentencepiece
@@ -275,11 +295,7 @@ def save_hf_directory(
 
     out = os.path.abspath(os.path.expanduser(out))
     check_output(out, force=force)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_temporaries(out)
-    tmp = tempfile.mkdtemp(prefix=_temp_prefix(out), dir=parent)
-    try:
+    with publishing(out) as tmp:
         cfg = hf_config(model_cfg)
         if objective != "clip":
             cfg.veclip_objective = objective
@@ -304,12 +320,6 @@ def save_hf_directory(
         )
         transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
         image_processor.save_pretrained(tmp)  # preprocessor_config.json, for CLIPImageProcessor alone
-        _publish_permissions(tmp)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

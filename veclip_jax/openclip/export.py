@@ -23,22 +23,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 
 from veclip_jax.data.image_ops import EvalPreprocess
 from veclip_jax.hf.to_hf import (
-    _publish_permissions,
-    _temp_prefix,
     check_output,
     hf_tokenizer,
     objective_heads,
     objective_params,
+    publishing,
     read_export_source,
-    remove_stale_temporaries,
 )
 from veclip_jax.openclip.config import (
     CLIP_BPE_EOS,
@@ -133,22 +129,12 @@ def save_open_clip_directory(
         tensors["logit_bias"] = np.asarray(bias, np.float32)
     hf_tok = hf_tokenizer(tokenizer, model_cfg.text.context_length) if kind == "hf" else None
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_temporaries(out)
-    tmp = tempfile.mkdtemp(prefix=_temp_prefix(out), dir=parent)
-    try:
+    with publishing(out) as tmp:
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
         safetensors.numpy.save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         if hf_tok is not None:
             hf_tok.save_pretrained(tmp)
-        _publish_permissions(tmp)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
