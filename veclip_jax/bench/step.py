@@ -2,6 +2,7 @@
 
   python -m veclip_jax.bench.step --config=configs/base.py:B/16 --config.batch_size=8
   python -m veclip_jax.bench.step --config=configs/base.py --config.mesh.fsdp=2 --peak_tflops=989
+  python -m veclip_jax.bench.step --config=configs/base.py:RN50 --config.batch_size=8  # any MODEL_SIZES key
 
 Model FLOPs per step come from XLA's cost analysis of the step compiled with
 the layer scans unrolled (XLA counts a loop body once; the timed step is the

@@ -55,7 +55,8 @@ def main(argv: list[str]) -> None:
         if not config.hardware:
             config.hardware = accelerator.name
         config, _ = apply_mesh_rules(config)
-        config.data.update(allow_demo=True, train_files="")  # compiling reads no data
+        # compiling reads no data (nor needs a mixture that was never released: DeCLIP-88M)
+        config.data.update(allow_demo=True, train_files="", require_sources=False)
         config.data.sources = ml_collections.ConfigDict()
         devices = aot.topology_devices(topology, accelerator.slices)
         hosts = max(1, accelerator.total_chips // 4)  # 4 chips per TPU VM host

@@ -79,6 +79,28 @@ def topology_devices(topology: str, slices: int = 1) -> list[Any]:
     return list(desc.devices)
 
 
+def resnet_flops_per_image(v: Any, embed_dim: int) -> float:
+    """Forward FLOPs of CLIP's ModifiedResNet on one image (models/resnet.py): its convolutions
+    (2 x multiply-adds, as XLA counts them) and the attention pool, which queries with the mean token
+    only (open_clip's profile, 12.22 GFLOPs for RN50, also counts the 49 other queries: 11.59 here)."""
+    side, w, half = v.image_size // 2, v.width, v.width // 2
+    flops = 2 * side * side * 9 * (3 * half + half * half + half * w)  # the stem's three 3x3 convolutions
+    side //= 2  # its 2x2 average pool
+    channels = w
+    for i, blocks in enumerate(v.resnet_layers):
+        planes = w * 2**i
+        for j in range(blocks):
+            out = side // (2 if i > 0 and j == 0 else 1)  # block0 of stages 2-4 pools before conv3
+            flops += 2 * side * side * (channels * planes + 9 * planes * planes)  # conv1, conv2
+            flops += 2 * out * out * planes * 4 * planes  # conv3
+            if out != side or channels != 4 * planes:
+                flops += 2 * out * out * channels * 4 * planes  # the shortcut's 1x1 convolution
+            channels, side = 4 * planes, out
+    tokens = side * side + 1
+    pool = 2 * channels * channels * (1 + 2 * tokens) + 4 * tokens * channels  # q (1 row), k, v; attention
+    return flops + pool + 2 * channels * embed_dim  # c_proj
+
+
 def model_flops_per_example(model_cfg: Any) -> float:
     """Forward matmul FLOPs of one image-text pair (the convention behind MFU: no remat, no softmax)."""
 
@@ -86,18 +108,41 @@ def model_flops_per_example(model_cfg: Any) -> float:
         per_layer = 2 * tokens * width * (4 * width + 2 * mlp) + 4 * tokens * tokens * width
         return layers * per_layer
 
-    v, t, e = model_cfg.vision, model_cfg.text, model_cfg.embed_dim
+    t, e = model_cfg.text, model_cfg.embed_dim
+    text = tower(t.context_length, t.width, t.layers, t.mlp_dim) + 2 * t.width * e
+    return float(image_flops(model_cfg) + text)
+
+
+def image_flops(model_cfg: Any) -> float:
+    """Forward FLOPs of the image tower on one image, to the joint embedding."""
+    v, e = model_cfg.vision, model_cfg.embed_dim
+    if v.get("type", "vit") == "resnet":
+        return resnet_flops_per_image(v, e)
     patches = (v.image_size // v.patch_size) ** 2
-    vision = tower(patches + 1, v.width, v.layers, v.mlp_dim) + 2 * patches * v.patch_size**2 * 3 * v.width
-    text = tower(t.context_length, t.width, t.layers, t.mlp_dim)
-    return float(vision + text + 2 * (v.width + t.width) * e)
+    per_layer = 2 * (patches + 1) * v.width * (4 * v.width + 2 * v.mlp_dim) + 4 * (patches + 1) ** 2 * v.width
+    return float(v.layers * per_layer + 2 * patches * v.patch_size**2 * 3 * v.width + 2 * v.width * e)
+
+
+def tower_passes(objective_cfg: Any) -> tuple[int, int]:
+    """(image, text) tower passes per example of the config's objective: SLIP runs the image tower
+    on the crop and two views, DeCLIP on two views and the text tower on the masked and EDA captions."""
+    from veclip_jax.batch import TEXT_INPUTS
+    from veclip_jax.objectives import make_objective
+
+    objective = make_objective(objective_cfg)
+    has = lambda prefix: any(n.startswith(prefix + "_") and n != "text_valid" for n in objective.needs)
+    return has("image") + objective.views * has("view"), sum(has(p) for p in TEXT_INPUTS)
 
 
 def train_flops_per_step(config: ml_collections.ConfigDict) -> float:
-    """Model FLOPs of one optimizer step: 3x forward (backward is two matmuls per forward one), and
-    the global-batch similarity logits (B x B x D, both directions)."""
-    b, e = config.batch_size, config.model.embed_dim
-    return 3 * (b * model_flops_per_example(config.model) + 2 * 2 * b * b * e)
+    """Model FLOPs of one optimizer step: 3x forward (backward is two matmuls per forward one) of each
+    tower pass the objective makes, and the global-batch similarity logits (B x B x D, both
+    directions). Objective heads (SLIP's MLP, DeCLIP's MLM logits, FILIP's token similarities) are
+    not counted."""
+    b, e, m = config.batch_size, config.model.embed_dim, config.model
+    images, texts = tower_passes(config.get("objective"))
+    forward = images * image_flops(m) + texts * (model_flops_per_example(m) - image_flops(m))
+    return 3 * (b * forward + 2 * 2 * b * b * e)
 
 
 @dataclasses.dataclass(frozen=True)
