@@ -122,9 +122,9 @@ def test_library_errors_print_one_line_each_once():
     never retrieved" per failed write, however many the garbage collector finds; one line stays."""
     import logging
 
-    from veclip_jax.cli.train import _OneLineFromLibraries
+    from veclip_jax.cli import OneLineFromLibraries
 
-    keep = _OneLineFromLibraries()
+    keep = OneLineFromLibraries()
 
     def record(name: str, msg: str, exc: BaseException | None) -> logging.LogRecord:
         info = (type(exc), exc, None) if exc else None

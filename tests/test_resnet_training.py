@@ -89,7 +89,10 @@ def test_every_objective_trains_a_resnet_alike_on_one_device_and_on_eight(name):
     pairs = zip(jax.tree.leaves(want_state.model_state), jax.tree.leaves(got_state.model_state), strict=True)
     for w, g in pairs:
         np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4)
-    assert _max_diff(got_state.params, want_state.params) < 1e-4
+    # Parameters: Adam's first updates (lr * g / (|g| + eps)) amplify gradient rounding where |g| is
+    # near eps, by up to a fraction of lr per step (as tests/test_objectives.py bounds one step).
+    lr = _config(name).optim.learning_rate
+    assert _max_diff(got_state.params, want_state.params) < 0.5 * lr * STEPS
 
 
 def test_a_skipped_non_finite_step_leaves_the_running_averages_unchanged():

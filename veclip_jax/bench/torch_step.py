@@ -30,13 +30,20 @@ from ml_collections import config_flags
 from veclip_jax import defaults
 from veclip_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (default: veclip_jax/defaults.py, the tiny model)."
-)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
-_PEER = flags.DEFINE_enum(
-    "peer", "hf", ["hf", "open_clip"], "Whose torch model: HF transformers or open_clip."
-)
+
+def _define_flags() -> tuple[Any, Any, Any]:
+    """The command line's flags, defined only when run as a script: importing this module (tests,
+    bench.step beside it) defines no absl flag, so it never clashes with another entry point's."""
+    return (
+        config_flags.DEFINE_config_file(
+            "config", None, "Experiment config file (default: veclip_jax/defaults.py, the tiny model)."
+        ),
+        flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step)."),
+        flags.DEFINE_enum(
+            "peer", "hf", ["hf", "open_clip"], "Whose torch model: HF transformers or open_clip."
+        ),
+    )
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OPENCLIP_REF = os.path.join(ROOT, "tests", "openclip_ref.py")
@@ -177,4 +184,5 @@ def main(_: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _CONFIG, _STEPS, _PEER = _define_flags()
     app.run(main)

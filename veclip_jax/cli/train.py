@@ -19,6 +19,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+from veclip_jax.cli import OneLineFromLibraries
 from veclip_jax.config import ConfigError, check_config, check_overrides
 from veclip_jax.errors import UserError
 
@@ -56,30 +57,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
     raise AssertionError("unreachable")
 
 
-class _OneLineFromLibraries(logging.Filter):
-    """Library records (Orbax's, asyncio's, on a failed background save) in one line, each once.
-
-    A save that fails on a full disk makes Orbax log the error with its traceback from every writer
-    thread, and asyncio one "Task exception was never retrieved" per failed write (as many as the
-    garbage collector finds); our own one line (the directory, the free space, the intact
-    checkpoint) says it all. A library line already printed is not printed again.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._seen: set[tuple[str, str]] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("veclip_jax") or not record.exc_info or record.exc_info[0] is None:
-            return True
-        line = f"{record.getMessage().splitlines()[0]} ({record.exc_info[0].__name__})"
-        record.msg, record.args, record.exc_info, record.exc_text = line, None, None, None
-        if (record.name, line) in self._seen:
-            return False
-        self._seen.add((record.name, line))
-        return True
-
-
 def _closed_event_loop(kind: type[BaseException] | None, value: BaseException | None) -> bool:
     return kind is RuntimeError and str(value) == "Event loop is closed"
 
@@ -106,7 +83,7 @@ def _setup_logging() -> None:
 
     handler = absl_logging.get_absl_handler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    handler.addFilter(_OneLineFromLibraries())
+    handler.addFilter(OneLineFromLibraries())
     absl_logging.set_verbosity(absl_logging.WARNING)  # libraries (orbax, jax): warnings only
     logging.getLogger("veclip_jax").setLevel(logging.INFO)
     _quiet_closed_event_loops()

@@ -116,6 +116,12 @@ def variables(params: Any, model_state: Mapping[str, Any] | None = None) -> dict
     return {"params": params, **(model_state or {})}
 
 
+def as_variables(tree: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`tree` as `model.apply` takes it: variables as they are, a bare parameter tree (no "params"
+    key: a tower-only model's, e.g. a ViT's) as {"params": tree}."""
+    return tree if "params" in tree else {"params": tree}
+
+
 def apply_outputs(
     model: ObjectiveModel, params: Any, model_state: Mapping[str, Any], batch: Mapping[str, jax.Array]
 ) -> tuple[dict[str, Any], dict[str, Any]]:

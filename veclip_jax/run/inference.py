@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from veclip_jax.data.image_ops import normalize
-from veclip_jax.objectives.model import ObjectiveModel
+from veclip_jax.objectives.model import ObjectiveModel, as_variables
 from veclip_jax.parallel.axes import BATCH_AXES
 from veclip_jax.parallel.mesh import batch_sharding, replicated
 from veclip_jax.parallel.rules import DEFAULT_RULES, LogicalRules
@@ -139,7 +139,8 @@ class Encoders:
     """`images(params, uint8 [n,S,S,3])` and `texts(params, int32 [n,L])` -> float32 [n, embed_dim].
 
     `params` here are the model's variables, `objectives.model.variables(params, model_state)`:
-    {"params": ...} and, for a ResNet, its BatchNorm running averages (`param_shardings` alike).
+    {"params": ...} and, for a ResNet, its BatchNorm running averages (`param_shardings` alike);
+    a bare parameter tree serves a model without state (`as_variables`).
     """
 
     def __init__(
@@ -162,10 +163,10 @@ class Encoders:
         self.param_shardings = param_shardings
 
         def encode_image(params: Any, images: jax.Array) -> jax.Array:
-            return model.apply(params, images, method=ObjectiveModel.encode_image)
+            return model.apply(as_variables(params), images, method=ObjectiveModel.encode_image)
 
         def encode_text(params: Any, tokens: jax.Array) -> jax.Array:
-            return model.apply(params, tokens, method=ObjectiveModel.encode_text)
+            return model.apply(as_variables(params), tokens, method=ObjectiveModel.encode_text)
 
         def encode_tagged(params: Any, images: jax.Array, tags: jax.Array) -> tuple[jax.Array, jax.Array]:
             return encode_image(params, images), tags
@@ -187,10 +188,10 @@ class Encoders:
         def image_tokens_tagged(
             params: Any, images: jax.Array, tags: jax.Array
         ) -> tuple[jax.Array, jax.Array]:
-            return model.apply(params, images, method=ObjectiveModel.encode_image_tokens), tags
+            return model.apply(as_variables(params), images, method=ObjectiveModel.encode_image_tokens), tags
 
         def text_tokens(params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-            return model.apply(params, tokens, method=ObjectiveModel.encode_text_tokens)
+            return model.apply(as_variables(params), tokens, method=ObjectiveModel.encode_text_tokens)
 
         self._image_tokens = jax.jit(
             image_tokens_tagged,
@@ -329,7 +330,7 @@ class Encoders:
 
             def encode_and_score(params: Any, images: jax.Array, tags: jax.Array, cls: jax.Array,
                                  cls_valid: jax.Array) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-                tok = model.apply(params, images, method=ObjectiveModel.encode_image_tokens)
+                tok = model.apply(as_variables(params), images, method=ObjectiveModel.encode_image_tokens)
                 every = jnp.ones(tok.shape[:2], bool)
                 return sharded_late_interaction(
                     mesh, tok, every, cls, cls_valid, shard="queries", chunk=classes.chunk
