@@ -164,6 +164,7 @@ def test_resnet_flops_match_open_clips_profile_and_count_every_tower_pass():
     assert train_flops_per_step(slip) - train_flops_per_step(clip) == pytest.approx(two_views)
 
 
+@pytest.mark.slow  # compiles an unrolled ResNet step (~20 s); the formula is checked against open_clip in CI
 def test_resnet_model_flops_follow_xlas_count_of_its_convolutions():
     from tests.helpers import random_batch
     from veclip_jax.bench.step import step_flops
