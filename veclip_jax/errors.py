@@ -30,3 +30,7 @@ class CheckpointError(UserError):
 
 class LayoutError(UserError, ValueError):
     """A mesh shape the devices' physical topology cannot hold."""
+
+
+class TokenizerError(UserError, ValueError):
+    """config.data.tokenizer is not a tokenizer this model can use (the message names it and why)."""

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from veclip_jax.data.tokenizer import TokenizerError
+from veclip_jax.errors import TokenizerError
 
 NAME = "clip_bpe"  # the built-in name accepted as config.data.tokenizer
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"  # its name in open_clip and in a run's workdir

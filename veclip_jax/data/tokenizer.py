@@ -32,7 +32,7 @@ import sentencepiece as spm
 
 from veclip_jax import fileio
 from veclip_jax.data import captions, records
-from veclip_jax.errors import UserError
+from veclip_jax.errors import TokenizerError  # TokenizerError: its home is errors.py
 
 if TYPE_CHECKING:
     from veclip_jax.data.bpe import ClipBpeTokenizer
@@ -41,10 +41,6 @@ if TYPE_CHECKING:
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
-
-
-class TokenizerError(UserError, ValueError):
-    """config.data.tokenizer is not a tokenizer this model can use (the message names it and why)."""
 
 
 class Tokenizer:
@@ -227,7 +223,7 @@ def load_tokenizer(
 ) -> Tokenizer | HFTokenizer | ClipBpeTokenizer:
     """A sentencepiece model file (T5 convention), a HuggingFace tokenizer directory, or CLIP's BPE
     (the built-in name "clip_bpe", or a copy of its `.txt.gz` merges file: veclip_jax/data/bpe.py)."""
-    from veclip_jax.data import bpe  # imports this module (TokenizerError)
+    from veclip_jax.data import bpe
 
     if bpe.is_clip_bpe(path):
         return bpe.ClipBpeTokenizer(path, context_length, pad_id=pad_id, eos_id=eos_id)

@@ -331,9 +331,11 @@ def _looks_like_export(path: str) -> bool:
 
     if os.path.isdir(path) and not os.listdir(path):
         return True  # nothing to lose
-    from veclip_jax.openclip.export import is_open_clip_export
+    from veclip_jax.openclip.config import CONFIG_FILE
+    from veclip_jax.openclip.config import WEIGHTS as OPEN_CLIP_WEIGHTS
 
-    if is_open_clip_export(path) and not os.path.exists(os.path.join(path, CHECKPOINTS)):
+    open_clip_export = all(os.path.isfile(os.path.join(path, f)) for f in (CONFIG_FILE, OPEN_CLIP_WEIGHTS))
+    if open_clip_export and not os.path.exists(os.path.join(path, CHECKPOINTS)):
         return True  # an open_clip export (launch/export.py --format=open_clip)
     try:
         return (

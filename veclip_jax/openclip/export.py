@@ -150,8 +150,3 @@ def export_open_clip(checkpoint: str, out: str, *, step: int | None = None, forc
         force=force,
         objective=src.trained.objective.name,
     )
-
-
-def is_open_clip_export(path: str) -> bool:
-    """Whether `path` holds an open_clip export of ours (what --force may replace)."""
-    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isfile(os.path.join(path, WEIGHTS))
