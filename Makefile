@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint demo demo-table clean
+.PHONY: setup test lint demo demo-table bench-gpu clean
 
 # The pinned requirements, then the package itself in editable mode (no build isolation: no download).
 $(BIN)/.installed: requirements.txt requirements-tpu.txt requirements-nodeps.txt requirements-openclip.txt pyproject.toml
@@ -37,6 +37,12 @@ demo-table: setup
 	  $(BIN)/python launch/train.py --config=configs/demo.py:$$v --workdir=workdir/demo_$$v || exit 1; \
 	done
 	$(BIN)/python launch/report.py workdir/demo_alttext workdir/demo_mixed workdir/demo_vecap
+
+# The accelerator benchmark (one GPU, about 7 minutes once its own venv .venv/bench is installed):
+# B/16, L/14 and RN50 steps, eval embedding, input pipeline, open_clip's B/16 step for the ratio.
+# scripts/bench_gpu.sh says how to pre-stage wheels for a host without internet.
+bench-gpu:
+	bash scripts/bench_gpu.sh $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cache

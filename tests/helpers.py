@@ -16,10 +16,11 @@ def tiny_config(**optim):
 
 
 def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Normalised-looking images and token rows, each with one end-of-text token."""
+    """uint8 images (the batch's dtype: the model normalises them) and token rows, each with one
+    end-of-text token."""
     rng = np.random.default_rng(seed)
     v, t = config.model.vision, config.model.text
-    images = rng.normal(size=(batch_size, v.image_size, v.image_size, 3)).astype(np.float32)
+    images = rng.integers(0, 256, size=(batch_size, v.image_size, v.image_size, 3), dtype=np.uint8)
     tokens = rng.integers(3, t.vocab_size, size=(batch_size, t.context_length)).astype(np.int32)
     lengths = rng.integers(1, t.context_length, size=batch_size)
     for row, n in zip(tokens, lengths, strict=True):

@@ -40,9 +40,9 @@ def _config(name: str, demo_cache: str):
 def test_the_schema_table():
     dims = batch.Dims(image_size=32, context_length=16, views=2)
     assert batch.shapes(("image", "tokens", "views", "mlm_labels"), 3, dims) == {
-        "image": ((3, 32, 32, 3), np.float32),
+        "image": ((3, 32, 32, 3), np.uint8),  # pixels: the model normalises them (in jit)
         "tokens": ((3, 16), np.int32),
-        "views": ((3, 2, 32, 32, 3), np.float32),
+        "views": ((3, 2, 32, 32, 3), np.uint8),
         "mlm_labels": ((3, 16), np.int32),
     }
     assert batch.TEXT_INPUTS == {"text": "tokens", "eda": "tokens_eda", "mlm": "tokens_mlm"}

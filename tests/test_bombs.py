@@ -248,9 +248,8 @@ def test_d_a_1x200000_png_evaluates_in_small_memory(method):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert out.shape == (32, 32, 3) and out.dtype == np.float32
-    want = (200 - np.asarray(image_ops.CLIP_MEAN) * 255) / (np.asarray(image_ops.CLIP_STD) * 255)
-    np.testing.assert_allclose(out[16, 16], want, atol=0.02)
+    assert out.shape == (32, 32, 3) and out.dtype == (np.float32 if method == "tf_bilinear" else np.uint8)
+    np.testing.assert_allclose(out[16, 16], 200, atol=0.5)  # pixels: the model normalises them
     assert peak < 32 << 20, peak  # was ~4.4 GB: the whole 32 x 6.4M image, as float32
     assert time.perf_counter() - t0 < 5.0
 

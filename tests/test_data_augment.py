@@ -152,7 +152,7 @@ def test_one_decode_for_several_crops_serves_the_smallest_box_at_full_detail(dec
         image_ops.decode_random_crops(b"not an image", [rng(0)], **kw)
 
 
-def test_views_without_augmentation_are_the_normalised_crops():
+def test_views_without_augmentation_are_the_crops():
     data = _jpeg(_photo(160, 120))
     spec = augment.ViewSpec(size=32, color_jitter_prob=0, grayscale_prob=0, blur_prob=0, flip_prob=0)
     views = augment.decode_views(data, [seeds.example_rng(0, 7, k) for k in range(2)], spec)
@@ -163,7 +163,8 @@ def test_views_without_augmentation_are_the_normalised_crops():
         scale=spec.crop_scale,
         ratio=spec.crop_ratio,
     )
-    np.testing.assert_array_equal(views, image_ops.normalize(crops))
+    assert views.dtype == np.uint8  # normalised by the model, in its jitted step (batch.py)
+    np.testing.assert_array_equal(views, crops)
 
 
 def test_views_are_reproducible_and_differ_from_each_other():
@@ -176,7 +177,7 @@ def test_views_are_reproducible_and_differ_from_each_other():
         )
 
     a = views(3)
-    assert a.shape == (2, 32, 32, 3) and a.dtype == np.float32
+    assert a.shape == (2, 32, 32, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, views(3))
     assert not np.array_equal(a[0], a[1])
     assert not np.array_equal(a, views(4))
@@ -403,7 +404,7 @@ def test_batches_carry_the_extras_asked_for(config):
     (batch,), _ = _take(config, 1, keys=("tokens", *ALL))
     b, S, L = 8, 32, 32
     assert set(batch) == {"tokens", *ALL, "index", "epoch", "source"}  # no "image": no crop
-    assert batch["views"].shape == (b, 2, S, S, 3) and batch["views"].dtype == np.float32
+    assert batch["views"].shape == (b, 2, S, S, 3) and batch["views"].dtype == np.uint8
     for k in ("tokens", "tokens_eda", "tokens_mlm", "mlm_labels"):
         assert batch[k].shape == (b, L) and batch[k].dtype == np.int32, k
     selected = batch["mlm_labels"] != -1
@@ -457,7 +458,7 @@ def test_each_example_is_the_seeded_views_eda_and_masking_of_its_epoch_and_recor
             scale=config.data.crop_scale,
             ratio=config.data.crop_ratio,
         )
-        np.testing.assert_array_equal(ex["image"], image_ops.normalize(crop))
+        np.testing.assert_array_equal(ex["image"], crop)
 
 
 def test_extras_are_the_same_whatever_the_workers_and_threads(config):

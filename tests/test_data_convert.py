@@ -502,7 +502,7 @@ def test_converted_shards_feed_the_training_pipeline(converted, tmp_path):
     finally:
         it.close()
     size, length = config.model.vision.image_size, config.model.text.context_length
-    assert batch["image"].shape == (4, size, size, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (4, size, size, 3) and batch["image"].dtype == np.uint8
     assert batch["tokens"].shape == (4, length) and batch["tokens"].dtype == np.int32
     assert ((batch["tokens"] == config.model.text.eos_id).sum(axis=1) == 1).all()
 

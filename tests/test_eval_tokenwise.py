@@ -71,7 +71,7 @@ def _reference_tokens(f, images: np.ndarray, rows: np.ndarray):
     """(image tokens, text tokens, text validity) through the training path (the model's outputs and the
     objective's heads, unjitted), normalised per token in numpy (float64)."""
     n = max(len(images), len(rows))
-    views = np.zeros((n, 1, *images.shape[1:]), np.float32)
+    views = np.zeros((n, 1, *images.shape[1:]), images.dtype)  # uint8 pixels: the model normalises
     views[: len(images), 0] = images
     tokens = np.zeros((n, rows.shape[1]), np.int32)
     tokens[: len(rows)] = rows
@@ -124,7 +124,7 @@ def test_the_token_encoders_are_the_training_towers_and_heads(filip):
     f = filip
     rng = np.random.default_rng(0)
     s = f.model.towers.image_size
-    images = rng.normal(size=(N_IMAGES, s, s, 3)).astype(np.float32)
+    images = rng.integers(0, 256, size=(N_IMAGES, s, s, 3), dtype=np.uint8)
     rows = f.ctx.tokenizer.encode_batch(["a red circle.", "a small blue square on a grey background", "x"])
     ref_img, ref_txt, ref_valid = _reference_tokens(f, images, rows)
     got = _batched(lambda im, tg: f.encoders.image_token_batch(f.params, im, tg), images)

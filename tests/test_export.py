@@ -25,7 +25,7 @@ import veclip_jax
 from tests.helpers import tiny_run_config
 from veclip_jax import defaults
 from veclip_jax.api import LoadedCLIP
-from veclip_jax.data import demo, records
+from veclip_jax.data import demo, image_ops, records
 from veclip_jax.data.image_ops import EvalPreprocess, bilinear_resize
 from veclip_jax.data.tokenizer import Tokenizer
 from veclip_jax.hf.from_hf import params_from_hf
@@ -259,10 +259,14 @@ def test_import_of_a_hf_clip_gives_hf_embeddings(act, legacy_eos, tmp_path, demo
         d, act=act, vocab=len(tok), eos=2 if legacy_eos else tok.eos_token_id, pad=tok.pad_token_id
     )
     tok.save_pretrained(d)
-    image_processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size=32)
+    # Statistics of its own (not CLIP's): the model applies them, in its jitted encoder.
+    stats = dict(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.25])
+    image_processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size=32, **stats)
     image_processor.save_pretrained(d)
     ours = veclip_jax.load(d)
     assert ours.preprocess.size == 40 and ours.preprocess.crop == 32
+    assert list(ours.model_config.vision.image_mean) == stats["image_mean"]
+    assert list(ours.model_config.vision.image_std) == stats["image_std"]
     images = _images(demo.ensure_demo_data(demo_cache))
     ids = tok(TEXTS, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
     pixels = image_processor(images, return_tensors="pt")["pixel_values"]
@@ -284,7 +288,8 @@ def test_import_of_a_veclip_style_directory_with_a_given_tokenizer_and_veclips_p
     assert ours.preprocess.method == "tf_bilinear"
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(32, 32), (45, 70), (90, 40)]]
-    pixels = np.stack([ours.preprocess(im) for im in images]).transpose(0, 3, 1, 2)
+    # VeCLIP's pixels (float, 0-255), normalised as its evaluation does (CLIP's statistics) for HF.
+    pixels = image_ops.normalize(np.stack([ours.preprocess(im) for im in images])).transpose(0, 3, 1, 2)
     ids = ours.tokenize(TEXTS)
     hf_img, hf_txt = _hf_embeddings(hf, pixels, ids, torch.as_tensor((ids != 0).astype(np.int64)))
     assert _max_diff(hf_img, ours.encode_image(images)) < TOL

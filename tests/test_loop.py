@@ -279,7 +279,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_the_checkpoint_intact(demo_
     def nan_after_k(mesh, local):
         calls.append(1)
         if len(calls) > K:
-            local = dict(local, image=np.full_like(local["image"], np.nan))
+            local = dict(local, image=np.full(local["image"].shape, np.nan, np.float32))
         return original(mesh, local)
 
     monkeypatch.setattr(loop, "global_batch", nan_after_k)

@@ -24,7 +24,7 @@ def _nan_at(monkeypatch, bad_steps: set[int]) -> None:
     def maybe_nan(mesh, local):
         calls.append(1)
         if len(calls) in bad_steps:
-            local = dict(local, image=np.full_like(local["image"], np.nan))
+            local = dict(local, image=np.full(local["image"].shape, np.nan, np.float32))
         return original(mesh, local)
 
     monkeypatch.setattr(loop, "global_batch", maybe_nan)

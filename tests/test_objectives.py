@@ -53,7 +53,7 @@ from PIL import Image
 import veclip_jax
 from tests.helpers import differing_leaves, host_copy, logged_metrics, tiny_run_config
 from veclip_jax.config import ConfigError, validate_config
-from veclip_jax.data import demo, records
+from veclip_jax.data import demo, image_ops, records
 from veclip_jax.data.tokenizer import Tokenizer
 from veclip_jax.hf.to_hf import OBJECTIVE_NOTES, export_checkpoint, params_to_hf, save_hf_directory
 from veclip_jax.objectives import make_objective
@@ -400,7 +400,9 @@ def test_export_drops_the_heads_says_so_and_keeps_the_towers_embeddings(
     hf = transformers.CLIPModel.from_pretrained(out).eval()
     images = _demo_images(demo_cache)
     texts = ["a red circle.", "Purple Circle Stock Image", "A gray background with a small red triangle."]
-    pixels = np.stack([ours.preprocess(im) for im in images]).transpose(0, 3, 1, 2)
+    v = ours.model_config.vision  # HF takes host-normalised pixels; ours, uint8
+    pixels = np.stack([ours.preprocess(im) for im in images])
+    pixels = image_ops.normalize(pixels, v.image_mean, v.image_std).transpose(0, 3, 1, 2)
     with torch.no_grad():
         hf_img = hf.get_image_features(pixel_values=torch.as_tensor(pixels))
         hf_txt = hf.get_text_features(input_ids=torch.as_tensor(ours.tokenize(texts), dtype=torch.long))

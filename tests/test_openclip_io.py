@@ -28,6 +28,7 @@ import veclip_jax
 from tests.openclip_ref import available, run_reference
 from veclip_jax import defaults
 from veclip_jax.api import LoadedCLIP
+from veclip_jax.data import image_ops
 from veclip_jax.data.image_ops import EvalPreprocess
 from veclip_jax.data.tokenizer import load_tokenizer
 from veclip_jax.errors import UserError
@@ -89,7 +90,14 @@ def _ours(model, params, state, cfg, tok) -> LoadedCLIP:
 
 
 def _pixels(size: int, n: int = 3, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)
+    """uint8 pixels: what our encoders take (the model normalises them, in its jitted encoder)."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def _normalised(pixels: np.ndarray, model_cfg=None) -> np.ndarray:
+    """What open_clip's model takes: the pixels normalised on the host with the model's statistics."""
+    v = model_cfg.vision if model_cfg is not None else defaults.model_config("tiny").vision
+    return image_ops.normalize(pixels, v.image_mean, v.image_std)
 
 
 def _raw(seed: int = 1) -> list[np.ndarray]:
@@ -199,14 +207,16 @@ def reference(exports, tmp_path_factory):
     inputs: dict = {"texts": np.array(TEXTS), "exports": np.array(json.dumps(sorted(exports)))}
     for name, (ours, d) in exports.items():
         inputs[name + "_dir"] = np.array(d)
-        inputs[name + "_pixels"] = _pixels(ours.model_config.vision.image_size)
+        inputs[name + "_pixels"] = _normalised(
+            _pixels(ours.model_config.vision.image_size), ours.model_config
+        )
     raw = _raw()
     inputs.update({f"raw{i}": r for i, r in enumerate(raw)}, n_raw=np.array(len(raw)))
     inputs["created"] = np.array(json.dumps(TINY_OPEN_CLIP))
     for name, cfg in TINY_OPEN_CLIP.items():
         (tmp / name).mkdir()
         inputs[name + "_dir"] = np.array(str(tmp / name))
-        inputs[name + "_pixels"] = _pixels(cfg["vision_cfg"]["image_size"], seed=2)
+        inputs[name + "_pixels"] = _normalised(_pixels(cfg["vision_cfg"]["image_size"], seed=2))
     inputs.update(BENCHMARK_INPUTS, benchmark_dir=np.array(exports["run_t5"][1]))
     outputs = run_reference(EXPORTED + CREATED + BENCHMARK, **inputs)
     return outputs, tmp
@@ -237,7 +247,7 @@ def test_open_clip_preprocesses_raw_images_as_we_do(exports, reference):
     for name, (ours, _) in exports.items():
         size = ours.model_config.vision.image_size
         for i, raw in enumerate(_raw()):
-            diff = _max_diff(ref[name + "_pre"][i], ours.preprocess(raw))
+            diff = _max_diff(ref[name + "_pre"][i], _normalised(ours.preprocess(raw), ours.model_config))
             if _same_crop(*raw.shape[:2], size):
                 # torchvision's and PIL's bicubic agree to uint8 rounding (1/255/std ~ 0.015).
                 assert diff < 0.06, (name, raw.shape)

@@ -103,7 +103,7 @@ def test_a_skipped_non_finite_step_leaves_the_running_averages_unchanged():
     state = run.init_state(jax.random.key(0))
     before = host_copy(state)
     local = synthetic_batch(run, BATCH)
-    local["image"] = np.full_like(local["image"], np.nan)
+    local["image"] = np.full(local["image"].shape, np.nan, np.float32)
     state, metrics = run.step(state, global_batch(run.mesh, local))
     after = host_copy(state)
     assert float(metrics["step_applied"]) == 0.0 and int(after.nonfinite_steps) == 1

@@ -110,6 +110,7 @@ def test_non_finite_loss_leaves_parameters_and_optimizer_state_unchanged_and_cou
     init = init_train_state(model, tx, mesh, jax.random.key(config.seed))
     step = make_train_step(model, tx, mesh, init.shardings)
     bad = random_batch(config, BATCH)
+    bad["image"] = bad["image"].astype(np.float32)  # float pixels (0-255) the model also takes: NaN-able
     bad["image"][0, 0, 0, 0] = np.nan
     before = _host_copy(init.state)
 

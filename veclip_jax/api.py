@@ -8,14 +8,19 @@
     txt = model.encode_text(["a photo of a cat", "a dog"])                   # [2, D]
     probs = softmax(model.logit_scale * img @ txt.T)
 
-`model.preprocess(image)` (any size -> float32 [S, S, 3], normalised) and
+`model.preprocess(image)` (any size -> its pixels [S, S, 3]: uint8, or float
+in [0, 255] for VeCLIP's TF-style resize; not normalised) and
 `model.tokenize(texts)` (-> int32 [n, context_length]) are the two steps
 `encode_*` apply, for use in your own pipelines. Preprocessing: for our runs,
-the evaluation transform (shorter side to S, bicubic, centre crop, CLIP
-mean/std: what an exported model's CLIPImageProcessor does); for a HF
-directory, what its preprocessor_config.json says; for a directory without
-one (the released VeCLIP checkpoints), VeCLIP's own (TF-style bilinear resize
-without antialiasing, centre crop).
+the evaluation transform (shorter side to S, bicubic, centre crop: what an
+exported model's CLIPImageProcessor does); for a HF directory, what its
+preprocessor_config.json says; for a directory without one (the released
+VeCLIP checkpoints), VeCLIP's own (TF-style bilinear resize without
+antialiasing, centre crop). The mean/std normalisation is the model's
+(`model.model_config.vision.image_mean` / `image_std`: CLIP's, or the HF /
+open_clip preprocessor's), applied on the device inside the jitted encoder;
+`veclip_jax.data.image_ops.normalize(pixels, mean, std)` gives the
+normalised float32 array another tool expects.
 
 The loading is the run layer's (veclip_jax/run/load.py, shared with
 standalone evaluation); this module adds the encoding on one device. It

@@ -8,8 +8,8 @@ Python, no jax: the data worker processes import it.
 
 | key         | dtype   | shape           | what                                                     |
 |-------------|---------|-----------------|----------------------------------------------------------|
-| image       | float32 | [B, S, S, 3]    | the RandomResizedCrop, CLIP mean/std normalised          |
-| views       | float32 | [B, V, S, S, 3] | V MoCo v2 views of the image (data/augment.py)           |
+| image       | uint8   | [B, S, S, 3]    | the RandomResizedCrop's RGB pixels (not normalised)      |
+| views       | uint8   | [B, V, S, S, 3] | V MoCo v2 views of the image (data/augment.py)           |
 | tokens      | int32   | [B, L]          | the caption (AltText or VeCap), end-of-text and padding  |
 | tokens_eda  | int32   | [B, L]          | the caption after one EDA operation (data/text_augment.py) |
 | tokens_mlm  | int32   | [B, L]          | the caption BERT-masked with model.text.mask_id          |
@@ -18,6 +18,10 @@ Python, no jax: the data worker processes import it.
 S = model.vision.image_size, L = model.text.context_length, V = the views an
 objective reads (data.augment.views). Token rows the towers encode name the
 prefix of their outputs (`encoded_as`: "text" for tokens, models/clip.py).
+
+Images travel as uint8 (a quarter of float32's bytes, and no normalisation on
+the host's CPU): the model normalises them with its image mean/std inside the
+jitted step (models/clip.py `normalize_pixels`), then casts to its compute dtype.
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ class Field:
 
 
 FIELDS: dict[str, Field] = {
-    "image": Field("float32", ("S", "S", 3)),
-    "views": Field("float32", ("V", "S", "S", 3)),
+    "image": Field("uint8", ("S", "S", 3)),
+    "views": Field("uint8", ("V", "S", "S", 3)),
     "tokens": Field("int32", ("L",), encoded_as="text"),
     "tokens_eda": Field("int32", ("L",), encoded_as="eda"),
     "tokens_mlm": Field("int32", ("L",), encoded_as="mlm"),

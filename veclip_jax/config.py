@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 from typing import Any
 
 import ml_collections
@@ -108,6 +109,7 @@ _RANGES: list[Check] = [
     ("data.crop_scale", _range_pair(0.0, 1.0), "must be (low, high) with 0 < low <= high <= 1"),
     ("data.crop_ratio", _range_pair(0.0, math.inf), "must be (low, high) with 0 < low <= high"),
     ("data.decoder", lambda x: x in ("simplejpeg", "pil"), "must be 'simplejpeg' or 'pil'"),
+    ("data.resize_backend", lambda x: x in ("torch", "pil"), "must be 'torch' or 'pil'"),
     ("data.num_workers", lambda x: x >= 0, "must be >= 0"),
     ("data.num_threads", _positive, "must be >= 1"),
     ("data.prefetch", _positive, "must be >= 1"),
@@ -392,13 +394,16 @@ def check_config(
     *,
     num_devices: int | None = None,
     process_count: int = 1,
+    keep: Collection[str] = (),
 ) -> CheckedConfig:
     """A run's config, checked once: the hardware's mesh rule applied (the given config is not
-    changed), then every check of `validate_config` (with the devices' when `num_devices` is given).
+    changed; fields named in `keep`, those the user set on the command line, are not overwritten:
+    parallel/hardware.py `apply_mesh_rules`), then every check of `validate_config` (with the
+    devices' when `num_devices` is given).
 
     Raises ConfigError (or UserError for a rule naming no field) before anything is computed.
     """
-    config, rule = apply_mesh_rules(config)
+    config, rule = apply_mesh_rules(config, keep)
     objective = validate_config(config, num_devices=num_devices, process_count=process_count)
     return CheckedConfig(config, objective, rule, _fingerprint(config))
 

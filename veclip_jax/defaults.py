@@ -21,6 +21,12 @@ import ml_collections
 from veclip_jax.objective_fields import FIELDS, config_fields
 from veclip_jax.parallel.axes import BATCH_AXES  # the mesh's axis names live in parallel/
 
+# CLIP's image statistics (OpenAI's, on [0, 1] pixels): model.vision.image_mean / image_std. Written
+# out here (this module imports no image library); tests/test_uint8_images.py checks that they are
+# data/image_ops.py's CLIP_MEAN / CLIP_STD.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 # The towers. B/16 and H/14 are the released VeCLIP checkpoints' sizes (their
 # config.json); L/14 is OpenAI's L/14 shape (inferred, see VECLIP.md). All use
 # quick_gelu, LayerNorm eps 1e-5, 77 text positions and T5's 32,100-id
@@ -99,7 +105,14 @@ def model_config(size: str = "tiny") -> ml_collections.ConfigDict:
             size=size,  # informative only; the fields below are what is built
             # type: the image tower, "vit" (models/vit.py) or "resnet" (CLIP's ModifiedResNet,
             # models/resnet.py: BatchNorm, so no gradient accumulation); resnet_layers: its stages.
-            vision=dict(dict(type="vit", resnet_layers=(0, 0, 0, 0)), **s["vision"]),
+            # image_mean / image_std: the statistics (of [0, 1] pixels) the vision tower normalises its
+            # uint8 (or 0-255 float) pixels with, inside the jitted step (models/clip.py
+            # `normalize_pixels`); CLIP's (OpenAI), = data/image_ops.py CLIP_MEAN / CLIP_STD. An
+            # imported HF / open_clip model carries its preprocessor's.
+            vision=dict(
+                dict(type="vit", resnet_layers=(0, 0, 0, 0), image_mean=CLIP_MEAN, image_std=CLIP_STD),
+                **s["vision"],
+            ),
             # pad 0, end-of-text 1: T5 sentencepiece convention (CLIP's BPE: 49407). mask_id: the id
             # that masked-language modelling (DeCLIP's "tokens_mlm") puts in place of a token; -1 =
             # the first id past the tokenizer's pieces (its vocab_size), which must still be < vocab_size.
@@ -270,6 +283,9 @@ def _data() -> ml_collections.ConfigDict:
             crop_scale=(0.9, 1.0),  # RandomResizedCrop area range (open_clip's default)
             crop_ratio=(3 / 4, 4 / 3),  # RandomResizedCrop aspect range
             decoder="simplejpeg",  # "simplejpeg" (falls back to PIL when absent) or "pil"
+            # The crop's resize: "torch" (SIMD, box rounded to whole decoded pixels) or "pil"
+            # (sub-pixel box, 3x slower); data/image_ops.py's docstring
+            resize_backend="torch",
             num_workers=0,  # worker processes (grain mp_prefetch); 0 = threads in this process
             num_threads=4,  # reader threads per process
             prefetch=4,  # batches buffered ahead

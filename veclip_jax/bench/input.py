@@ -16,20 +16,33 @@ For each, the simplejpeg path (the default) and the PIL path (data.decoder="pil"
 the baseline), with k = 1, 2 reader threads in one process (data.num_workers=0,
 num_threads=k) and k = 1, 2 worker processes of one thread each
 (data.num_workers=k, num_threads=1). Records/s counts delivered examples
-(decode, RandomResizedCrop, normalise, caption choice, tokenise, batch) in the
+(decode, RandomResizedCrop, caption choice, tokenise, batch) in the
 main process, after a warm-up. A single-thread decode+crop line without grain
 gives the per-core cost.
+
+`--photo_size=1024x768` makes the photos that size (typical web originals;
+default 500x375), `--crop_size` the crop's. `--json` also prints one JSON line
+(last), the CPU cost of a record measured in the same run on the same photos
+(CPU time, not wall clock, so a shared machine inflates it little):
+`decode_only_ms_per_record` (simplejpeg's full-size decode: the limit of this
+approach), `decode_crop_ms_per_record` (`image_ops.decode_random_crop`),
+`cpu_ms_per_record` (the whole pipeline, every process's CPU; ArrayRecord,
+the first `--workers` level), `eval_ms_per_record` (evaluation: PIL decode as
+`eval.datasets.load_image` + `EvalPreprocess`), and their ratios:
+
+    python -m veclip_jax.bench.input --datasets= --json --photo_size=1024x768
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import tarfile
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import psutil
@@ -37,6 +50,7 @@ import simplejpeg
 
 from veclip_jax.data import demo, image_ops, pipeline, records, seeds
 from veclip_jax.defaults import get_config
+from veclip_jax.eval import datasets as eval_datasets
 
 
 def _photo_jpeg(rng: np.random.Generator, h: int = 375, w: int = 500) -> bytes:
@@ -53,13 +67,16 @@ def _photo_jpeg(rng: np.random.Generator, h: int = 375, w: int = 500) -> bytes:
     return simplejpeg.encode_jpeg(np.ascontiguousarray(img.clip(0, 255).astype(np.uint8)), quality=90)
 
 
-def make_photo_shards(out_dir: str, num_images: int, seed: int = 0, distinct: int = 64) -> list[str]:
-    """`num_images` 500x375 JPEG records with both captions, in 2 shards.
+def make_photo_shards(
+    out_dir: str, num_images: int, seed: int = 0, distinct: int = 64, size: tuple[int, int] = (500, 375)
+) -> list[str]:
+    """`num_images` JPEG records of `size` (width, height) pixels with both captions, in 2 shards.
 
     Only `distinct` different pictures (cycled): generating one takes ~20 ms,
     and decode cost depends on a JPEG's size and content, not on its identity.
     """
-    jpegs = [_photo_jpeg(seeds.example_rng(seed, i)) for i in range(min(distinct, num_images))]
+    w, h = size
+    jpegs = [_photo_jpeg(seeds.example_rng(seed, i), h=h, w=w) for i in range(min(distinct, num_images))]
     vecap = "A photo of coloured blobs on a smooth gradient background, with visible sensor noise."
     recs = (
         records.Record(
@@ -147,16 +164,68 @@ def measure(config, seconds: float, warmup_batches: int = 3) -> float:
 
 
 def decode_only(jpegs: Sequence[bytes], size: int, decoder: str, seconds: float) -> float:
-    """Single-thread decode + RandomResizedCrop + normalise, images/s, no grain."""
+    """Single-thread decode + RandomResizedCrop (uint8, as the pipeline ships it), images/s, no grain."""
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         rng = np.random.default_rng(n)
-        img = image_ops.decode_random_crop(
+        image_ops.decode_random_crop(
             jpegs[n % len(jpegs)], rng, size=size, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), decoder=decoder
         )
-        image_ops.normalize(img)
         n += 1
     return n / (time.perf_counter() - t0)
+
+
+def cpu_ms_per_call(fn: Callable[[int], object], seconds: float, min_calls: int = 8) -> float:
+    """CPU milliseconds (this process) per call of fn(i), i = 0, 1, ..., over `seconds` of CPU time.
+
+    CPU time, not wall clock: on a machine shared with other work a call
+    costs the same CPU (near enough), however long it waits for a core.
+    """
+    fn(0)  # warm-up: first-call costs (imports, allocations) are not a record's
+    n, c0 = 0, time.process_time()
+    while n < min_calls or time.process_time() - c0 < seconds:
+        fn(n)
+        n += 1
+    return 1e3 * (time.process_time() - c0) / n
+
+
+def record_costs(config, jpegs: Sequence[bytes], seconds: float, rounds: int) -> dict[str, float]:
+    """CPU ms per record of each stage, on `jpegs` at config's crop; the least of `rounds` rounds.
+
+    decode_only: simplejpeg's full-size RGB decode (the limit of decoding these
+    files); decode_crop: image_ops.decode_random_crop with the config's crop;
+    eval: what evaluation does per image (eval.datasets.load_image: PIL decode,
+    then EvalPreprocess(S, S)); cpu: the whole training pipeline
+    (make_train_iterator(config), every process's CPU, measure_cost).
+    """
+    d, size = config.data, int(config.model.vision.image_size)
+    scale, ratio = tuple(d.crop_scale), tuple(d.crop_ratio)
+    preprocess = image_ops.EvalPreprocess(size, size)
+
+    def decode(i: int) -> None:
+        simplejpeg.decode_jpeg(jpegs[i % len(jpegs)], colorspace="RGB")
+
+    def crop(i: int) -> None:
+        rng = np.random.default_rng(i)
+        image_ops.decode_random_crop(jpegs[i % len(jpegs)], rng, size=size, scale=scale, ratio=ratio)
+
+    def evaluate(i: int) -> None:
+        preprocess(eval_datasets.load_image(jpegs[i % len(jpegs)]))
+
+    # Rounds interleave the stages, and the least is kept: a co-tenant's burst slows a round, never speeds it.
+    best = {k: float("inf") for k in ("decode_only", "decode_crop", "eval", "cpu")}
+    records_per_s = 0.0
+    for _ in range(rounds):
+        for key, fn in (("decode_only", decode), ("decode_crop", crop), ("eval", evaluate)):
+            best[key] = min(best[key], cpu_ms_per_call(fn, seconds / 4))
+        rate, cpu = measure_cost(config, seconds)
+        best["cpu"], records_per_s = min(best["cpu"], cpu), max(records_per_s, rate)
+    out = {f"{k}_ms_per_record": round(v, 4) for k, v in best.items()}
+    out["records_per_s"] = round(records_per_s, 1)
+    out["cpu_over_decode_only"] = round(best["cpu"] / best["decode_only"], 3)
+    out["decode_crop_over_decode_only"] = round(best["decode_crop"] / best["decode_only"], 3)
+    out["eval_images_per_s_per_core"] = round(1e3 / best["eval"], 1)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -171,14 +240,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--rounds", type=int, default=1, help="formats table: measurements per row (the best kept)"
     )
     p.add_argument("--cache_dir", default=None, help="demo data cache (default: the config's)")
+    p.add_argument("--photo_size", default="500x375", help="the photos' WIDTHxHEIGHT (e.g. 1024x768)")
+    p.add_argument("--crop_size", type=int, default=224, help="the photos' crop (model.vision.image_size)")
+    p.add_argument("--json", action="store_true", help="also print one JSON line of CPU ms per record")
     args = p.parse_args(argv)
     levels = [int(k) for k in args.workers.split(",")]
     decoders = args.decoders.split(",")
+    try:
+        args.photo_wh = tuple(int(x) for x in args.photo_size.lower().split("x"))
+        if len(args.photo_wh) != 2 or min(args.photo_wh) < 1:
+            raise ValueError
+    except ValueError:
+        p.error(f"--photo_size must be WIDTHxHEIGHT, got {args.photo_size!r}")
+    args.photo_label = f"photo {args.photo_size} -> {args.crop_size}px"
 
     print(f"cpu cores: {os.cpu_count()}; simplejpeg {simplejpeg.__version__}; {args.seconds:g} s per row")
     with tempfile.TemporaryDirectory() as tmp:
         datasets = {}
-        for name in args.datasets.split(","):
+        for name in filter(None, args.datasets.split(",")):
             c = get_config()
             if args.cache_dir:
                 c.data.cache_dir = args.cache_dir
@@ -192,16 +271,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 continue  # after the per-decoder table
             elif name == "photo":
                 t0 = time.perf_counter()
-                files = make_photo_shards(tmp, args.num_photos)
-                jpegs = [records.RecordReader(files)[i].jpeg for i in range(min(64, args.num_photos))]
-                c.batch_size = 32
-                c.model.vision.image_size = 224
-                c.data.train_files = ",".join(files)
-                c.data.tokenizer = demo.ensure_demo_data(c.data.cache_dir).tokenizer
+                c, jpegs = _photo_config(c, args, make_photo_shards(tmp, args.num_photos, size=args.photo_wh))
                 kib = np.mean([len(j) for j in jpegs]) / 1024
                 dt = time.perf_counter() - t0
-                print(f"photo: {args.num_photos} JPEGs 500x375 (mean {kib:.0f} KiB) made in {dt:.1f} s")
-                label = "photo 500x375 -> 224px"
+                print(f"photo: {args.num_photos} JPEGs {args.photo_size} (mean {kib:.0f} KiB), {dt:.1f} s")
+                label = args.photo_label
             else:
                 raise ValueError(f"unknown dataset {name!r}")
             datasets[name] = (label, c, jpegs)
@@ -227,23 +301,50 @@ def main(argv: Sequence[str] | None = None) -> None:
                         print(f"{label:24} {decoder:11} {desc:26} {rate:10.0f}", flush=True)
         if "formats" in args.datasets.split(","):
             bench_formats(tmp, args, levels)
+        if args.json:
+            os.makedirs(os.path.join(tmp, "json"), exist_ok=True)
+            c = get_config()
+            if args.cache_dir:
+                c.data.cache_dir = args.cache_dir
+            c.data.num_workers, c.data.num_threads = levels[0], 1
+            files = make_photo_shards(os.path.join(tmp, "json"), args.num_photos, size=args.photo_wh)
+            c, jpegs = _photo_config(c, args, files)
+            summary = dict(
+                photo_size=args.photo_size,
+                crop_size=args.crop_size,
+                jpeg_kib=round(float(np.mean([len(j) for j in jpegs])) / 1024, 1),
+                workers=levels[0],
+                cpu_cores=os.cpu_count(),
+                **record_costs(c, jpegs, args.seconds, args.rounds),
+            )
+            print(json.dumps(summary), flush=True)
+
+
+def _photo_config(c, args: argparse.Namespace, files: list[str]):
+    """(config reading the photo shards `files` at --crop_size, the first 64 JPEGs)."""
+    jpegs = [records.RecordReader(files)[i].jpeg for i in range(min(64, args.num_photos))]
+    c.batch_size = 32
+    c.model.vision.image_size = args.crop_size
+    c.data.train_files = ",".join(files)
+    c.data.tokenizer = demo.ensure_demo_data(c.data.cache_dir).tokenizer
+    return c, jpegs
 
 
 def bench_formats(tmp: str, args: argparse.Namespace, levels: list[int]) -> None:
-    """Records/s of the photo pairs (224 px crops) per format and per source count, in worker processes."""
+    """Records/s of the photo pairs (--crop_size crops) per format and source count, in worker processes."""
     c = get_config()
     if args.cache_dir:
         c.data.cache_dir = args.cache_dir
     c.data.tokenizer = demo.ensure_demo_data(c.data.cache_dir).tokenizer
     c.batch_size = 32
-    c.model.vision.image_size = 224
+    c.model.vision.image_size = args.crop_size
     c.data.num_threads = 1
     # Tars and Parquet are read through a shuffle window: keep it within an epoch of these few photos
     # (a window of the default 1,000 would cycle them many times before the first batch).
     c.data.shuffle_buffer = max(1, min(1000, args.num_photos // 4))
     os.makedirs(os.path.join(tmp, "formats"), exist_ok=True)
-    files = make_format_files(os.path.join(tmp, "formats"), make_photo_shards(os.path.join(tmp, "formats"),
-                                                                                args.num_photos))  # fmt: skip
+    shards = make_photo_shards(os.path.join(tmp, "formats"), args.num_photos, size=args.photo_wh)
+    files = make_format_files(os.path.join(tmp, "formats"), shards)
     # Rows are measured round-robin, `--rounds` times, and the best kept: on a shared machine a
     # co-tenant's burst then costs one sample of a row, not a whole row.
     # Rates: the best round's; CPU per record: the least (a co-tenant's burst slows, never speeds).
@@ -257,7 +358,7 @@ def bench_formats(tmp: str, args: argparse.Namespace, levels: list[int]) -> None
                 rate, cpu = measure_cost(c, args.seconds)
                 old = best.get((label, k), (0.0, float("inf")))
                 best[label, k] = (max(old[0], rate), min(old[1], cpu))
-    print(f"\n{'photo 500x375 -> 224px':32} {'mode':20} {'records/s':>10} {'CPU ms/record':>14}")
+    print(f"\n{args.photo_label:32} {'mode':20} {'records/s':>10} {'CPU ms/record':>14}")
     for (label, k), (rate, cpu) in best.items():
         desc = f"{k} worker process{'es' if k > 1 else ''}" if k else "in-process, 1 thread"
         print(f"{label:32} {desc:20} {rate:10.0f} {cpu:14.2f}", flush=True)

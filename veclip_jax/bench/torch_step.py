@@ -3,6 +3,9 @@
   # torch==2.13.0 (the CPU build) is in requirements.txt, for the export checks and this baseline
   python -m veclip_jax.bench.torch_step --config=configs/base.py:B/16 --config.batch_size=8
   python -m veclip_jax.bench.torch_step --config=configs/base.py:RN50 --config.batch_size=8 --peer=open_clip
+  # on a GPU (a CUDA torch, scripts/bench_gpu.sh installs one): bf16 autocast, SDPA attention
+  python -m veclip_jax.bench.torch_step --config=configs/base.py:B/16 --config.batch_size=256 \
+      --peer=open_clip --device=cuda --precision=bf16
 
 `--peer=hf` builds `transformers.CLIPModel` with the config's tower sizes (the HF exporter's config;
 it has no ResNet); `--peer=open_clip` builds `open_clip.CLIP` from the open_clip exporter's
@@ -11,6 +14,11 @@ and its `ClipLoss`. Either times forward (CLIP loss) + backward + AdamW, as vecl
 does for ours. open_clip imports torchvision, which cannot share a process with this project's
 CPU torch (tests/openclip_ref.py says why): its step runs in a process of its own, through
 tests/openclip_ref.py's `import_open_clip()` (so from a clone, after `make setup`).
+
+On a GPU (--device=cuda, or auto with a CUDA torch) the open_clip step is what a user would
+otherwise run: fp32 parameters under `torch.autocast(bfloat16)` (open_clip's --precision amp_bf16),
+attention through PyTorch's scaled_dot_product_attention (open_clip's nn.MultiheadAttention calls
+it with need_weights=False), TF32 matmuls allowed; the report adds the peak CUDA memory.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ def _define_flags() -> tuple[Any, Any, Any]:
         flags.DEFINE_enum(
             "peer", "hf", ["hf", "open_clip"], "Whose torch model: HF transformers or open_clip."
         ),
+        flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "open_clip: auto = cuda if there."),
+        flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "open_clip: bf16 = autocast to bfloat16."),
     )
 
 
@@ -61,18 +71,19 @@ def time_steps(step: Callable[[], float], steps: int) -> tuple[list[float], floa
     return times, loss
 
 
-def report(model: str, batch: int, times: list[float], loss: float) -> str:
-    """The lines both peers print (the step's median, images/s, loss)."""
+def report(model: str, batch: int, times: list[float], loss: float, memory: int | None = None) -> str:
+    """The lines both peers print (the step's median, images/s, loss; the peak memory on a GPU)."""
     step_s = float(np.median(times))
-    return "\n".join(
-        [
-            f"model            {model}",
-            f"global batch     {batch}",
-            f"step (median)    {step_s * 1e3:.1f} ms over {len(times)} steps (min {min(times) * 1e3:.1f})",
-            f"images/s         {batch / step_s:.1f}",
-            f"loss             {loss:.4f}",
-        ]
-    )
+    lines = [
+        f"model            {model}",
+        f"global batch     {batch}",
+        f"step (median)    {step_s * 1e3:.1f} ms over {len(times)} steps (min {min(times) * 1e3:.1f})",
+        f"images/s         {batch / step_s:.1f}",
+        f"loss             {loss:.4f}",
+    ]
+    if memory is not None:
+        lines.append(f"peak memory      {memory / 2**30:.2f} GiB (device 0)")
+    return "\n".join(lines)
 
 
 def random_inputs(config: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -129,38 +140,58 @@ def open_clip_step(args: dict[str, Any]) -> str:
     import torch
 
     config = ml_collections.ConfigDict(args["config"])
+    device = args.get("device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = args.get("precision", "fp32") == "bf16"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(config.seed)
-    model = open_clip.CLIP(**args["model_cfg"], output_dict=True).train()
+    model = open_clip.CLIP(**args["model_cfg"], output_dict=True).to(device).train()
     loss_fn = open_clip.ClipLoss()
     o = config.optim
     opt = adamw(torch, model.parameters(), o)
-    pixels, tokens = (torch.tensor(x) for x in random_inputs(config))
+    pixels, tokens = (torch.tensor(x).to(device) for x in random_inputs(config))
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)
+    # What the matmuls really ran in (the Linear layers' outputs), reported beside the precision asked.
+    seen: set[str] = set()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda _m, _i, out: seen.add(str(out.dtype).removeprefix("torch.")))
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        out = model(pixels, tokens)
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        with autocast:
+            out = model(pixels, tokens)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         loss.backward()
         if o.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip_norm)
         opt.step()
         return float(loss)
 
-    times, loss = time_steps(step, args["steps"])
+    times, loss = time_steps(step, args["steps"])  # float(loss) waits for the device
     n = sum(p.numel() for p in model.parameters())
     name = f"open_clip {open_clip.__version__} CLIP, {config.model.size} sizes ({n / 1e6:.1f}M params), "
-    name += f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    precision = f"{'bf16 autocast' if bf16 else 'fp32'} (matmuls in {'/'.join(sorted(seen))})"
+    if device == "cuda":
+        name += f"torch {torch.__version__}, {torch.cuda.get_device_name()}, {precision}"
+        return report(name, config.batch_size, times, loss, torch.cuda.max_memory_allocated())
+    name += f"torch {torch.__version__}, {torch.get_num_threads()} threads, {precision}"
     return report(name, config.batch_size, times, loss)
 
 
-def run_open_clip(config: Any, steps: int) -> str:
+def run_open_clip(config: Any, steps: int, device: str = "auto", precision: str = "fp32") -> str:
     """`open_clip_step` in a fresh process (open_clip imported through tests/openclip_ref.py)."""
     from veclip_jax.openclip.config import open_clip_model_cfg
 
     if not os.path.exists(OPENCLIP_REF):
         raise UserError(f"--peer=open_clip runs from a clone: {OPENCLIP_REF} is missing")
     model_cfg = open_clip_model_cfg(config.model, hf_tokenizer=False, pool_type="argmax")
-    args = json.dumps({"model_cfg": model_cfg, "config": config.to_dict(), "steps": steps}, default=list)
+    args = {"model_cfg": model_cfg, "config": config.to_dict(), "steps": steps, "device": device,
+            "precision": precision}  # fmt: skip
+    args = json.dumps(args, default=list)
     prog = (
         f"import sys, json; sys.path.insert(0, {os.path.dirname(OPENCLIP_REF)!r})\n"
         "from openclip_ref import import_open_clip\n"
@@ -177,12 +208,15 @@ def run_open_clip(config: Any, steps: int) -> str:
 def main(_: list[str]) -> None:
     config = _CONFIG.value or defaults.get_config()
     try:
-        print(hf_step(config, _STEPS.value) if _PEER.value == "hf" else run_open_clip(config, _STEPS.value))
+        if _PEER.value == "hf":
+            print(hf_step(config, _STEPS.value))
+        else:
+            print(run_open_clip(config, _STEPS.value, _DEVICE.value, _PRECISION.value))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
-    _CONFIG, _STEPS, _PEER = _define_flags()
+    _CONFIG, _STEPS, _PEER, _DEVICE, _PRECISION = _define_flags()
     app.run(main)

@@ -20,7 +20,17 @@ ImageFolder tree with a captions file:
 
 Several machines share one conversion: each runs the same command with --num_tasks=M and its own
 --task_index=i, and writes the output shards j with j % M == i; the one that finishes last also
-writes the whole summary.
+writes the whole summary. That suits a SLURM array. On a Ray cluster one command does it:
+
+    python launch/make_dataset.py --webdataset='/nfs/cc3m/{00000..00331}.tar' \
+        --out=/nfs/cc3m/train --num_shards=166 --ray_address=auto
+
+Each output shard is then a Ray task (one CPU), written by the same code: the shards are byte for
+byte those of a local run. --ray_address: local (a Ray on this machine only, started for this
+command), auto (the cluster this machine joined with `ray start`), HOST:PORT of the head, or
+ray://HOST:10001 (Ray Client). The inputs and OUT must be on a file system every node mounts at
+the same path (the VeCap index is written next to OUT for the workers to read), and veclip_jax
+installed on every node. --workers, if given, caps the shards in flight (default: no cap).
 
 Rerunning the same command resumes: finished shards are kept, the rest are
 written. The summary is printed and written to OUT.stats.json. The veclip_jax
@@ -57,9 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_shards", type=int, required=True, help="output shards (webdataset: <= input tars)")
     p.add_argument("--vecap_json", default="", help="VeCap JSON files {url: caption}, joined by URL")
     p.add_argument("--source", default=None, help="corpus name stored in every record, e.g. cc3m")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
-    p.add_argument("--num_tasks", type=int, default=1, help="machines sharing this conversion")
-    p.add_argument("--task_index", type=int, default=0, help="this machine's index in [0, num_tasks)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: the CPUs); Ray: cap")
+    # None when not given, so that --ray_address can refuse them even at their default values.
+    p.add_argument("--num_tasks", type=int, default=None, help="machines sharing this conversion (default 1)")
+    p.add_argument("--task_index", type=int, default=None, help="this machine's index in [0, num_tasks)")
+    p.add_argument(
+        "--ray_address",
+        default=None,
+        help="write the shards as tasks on Ray: local, auto, HOST:PORT or ray://HOST:10001 (OUT shared)",
+    )
     p.add_argument(
         "--verify_images",
         action=argparse.BooleanOptionalAction,
@@ -111,12 +127,25 @@ def _fail(message: str, code: int) -> int:
 
 
 def _convert(args: argparse.Namespace) -> convert.ConversionSummary:
+    if args.ray_address is not None:
+        given = [f"--{f}" for f in ("num_tasks", "task_index") if getattr(args, f) is not None]
+        if given:  # two ways of splitting one conversion: the tasks' shard sets and Ray's would overlap
+            raise UserError(
+                f"--ray_address spreads every shard over the cluster: drop {' and '.join(given)} "
+                "(those split a conversion over hand-run machines, e.g. a SLURM array)"
+            )
+        if not args.ray_address:
+            raise UserError("--ray_address is empty: use local, auto, HOST:PORT or ray://HOST:10001")
+    workers = args.workers
+    if workers is None:
+        workers = 0 if args.ray_address is not None else os.cpu_count() or 1
     common = dict(
         vecap_json=args.vecap_json or None,
         source=args.source,
-        workers=args.workers,
+        workers=workers,
         verify_images=args.verify_images,
-        task=(args.task_index, args.num_tasks),
+        task=(args.task_index or 0, 1 if args.num_tasks is None else args.num_tasks),
+        ray_address=args.ray_address,
     )
     columns = TableColumns(
         image=args.image_column,
@@ -132,7 +161,6 @@ def _convert(args: argparse.Namespace) -> convert.ConversionSummary:
             args.parquet, args.out, args.num_shards, columns=columns, image_root=args.image_root, **common
         )
     elif args.image_folder:
-        del common["vecap_json"]
         summary = convert.convert_image_folder(
             args.image_folder,
             args.out,

@@ -20,8 +20,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from veclip_jax.cli import OneLineFromLibraries
-from veclip_jax.config import ConfigError, check_config, check_overrides
+from veclip_jax.config import CheckedConfig, ConfigError, check_config, check_overrides
 from veclip_jax.errors import UserError
+from veclip_jax.parallel.hardware import kept_over_rule, user_fields
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string(
@@ -89,6 +90,17 @@ def _setup_logging() -> None:
     _quiet_closed_event_loops()
 
 
+def checked_config() -> CheckedConfig:
+    """The parsed --config, checked: config.hardware's rule sets the mesh, remat, accumulation,
+    dtype, except the fields given as --config.X flags (those win, with a note on stderr when the
+    rule says otherwise); then schema and ranges: no JAX needed, nothing computed. train() then
+    checks only what needs the devices."""
+    given = user_fields(config_flags.get_override_values(flags.FLAGS["config"]))
+    for note in kept_over_rule(_CONFIG.value, given):
+        print(f"note: {note}", file=sys.stderr)
+    return check_config(_CONFIG.value, keep=given)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -97,9 +109,7 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     try:
-        # config.hardware's rule sets the mesh, remat, accumulation, dtype; then schema and ranges:
-        # no JAX needed, nothing computed. train() then checks only what needs the devices.
-        config = check_config(_CONFIG.value)
+        config = checked_config()
     except UserError as e:
         _fail(str(e), 2)
     _setup_logging()

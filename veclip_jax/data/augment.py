@@ -10,7 +10,7 @@ image, which is what the toolkit runs):
   grayscale (ITU-R 601 luma, copied to the three channels) with p = grayscale_prob
   Gaussian blur with sigma uniform in blur_sigma (in output pixels), with p = blur_prob
   horizontal flip with p = flip_prob
-  CLIP normalisation (image_ops.normalize), as the "image" input
+  uint8 pixels, as the "image" input (the model normalises them in its jitted step)
 
 The adjustments are PIL's (ImageEnhance, ImageFilter.GaussianBlur), the same
 calls torchvision makes for PIL images; the hue shift is torchvision's (the
@@ -53,6 +53,7 @@ class ViewSpec:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     flip_prob: float = 0.5
     decoder: str = "simplejpeg"
+    resize: str = "torch"  # data.resize_backend (image_ops.RESIZE_BACKENDS)
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -177,16 +178,22 @@ def hflip(image: Image.Image) -> Image.Image:
 
 
 def decode_views(data: bytes, rngs: Sequence[np.random.Generator], spec: ViewSpec) -> np.ndarray:
-    """The views of one encoded image, one per generator: float32 [len(rngs), S, S, 3], normalised.
+    """The views of one encoded image, one per generator: uint8 [len(rngs), S, S, 3] (not normalised).
 
     Each generator draws its view's crop box, then its ViewParams. Raises
     image_ops.ImageDecodeError if the bytes are not an image.
     """
     crops = image_ops.decode_random_crops(
-        data, rngs, size=spec.size, scale=spec.crop_scale, ratio=spec.crop_ratio, decoder=spec.decoder
+        data,
+        rngs,
+        size=spec.size,
+        scale=spec.crop_scale,
+        ratio=spec.crop_ratio,
+        decoder=spec.decoder,
+        resize=spec.resize,
     )
-    out = np.empty(crops.shape, np.float32)
+    out = np.empty(crops.shape, np.uint8)
     for k, (crop, rng) in enumerate(zip(crops, rngs, strict=True)):
         params = ViewParams.draw(rng, spec)
-        out[k] = image_ops.normalize(np.asarray(params.apply(Image.fromarray(crop))))
+        out[k] = np.asarray(params.apply(Image.fromarray(crop)))
     return out

@@ -72,12 +72,12 @@ __all__ = [
 ]
 
 
-def _check_common(out: str, num_shards: int, workers: int) -> str:
+def _check_common(out: str, num_shards: int, workers: int, ray_address: str | None = None) -> str:
     if not out:
         raise ConversionError("an output prefix is needed, e.g. /data/vecap/train")
     if num_shards < 1:
         raise ConversionError(f"num_shards must be >= 1, got {num_shards}")
-    if workers < 1:
+    if workers < (0 if ray_address is not None else 1):  # on Ray, 0: as many shards at once as it runs
         raise ConversionError(f"workers must be >= 1, got {workers}")
     return os.path.abspath(os.path.expanduser(out))
 
@@ -145,6 +145,7 @@ def convert_webdataset(
     workers: int = 1,
     verify_images: bool = True,
     task: tuple[int, int] = (0, 1),
+    ray_address: str | None = None,
 ) -> ConversionSummary:
     """Converts img2dataset webdataset tars into `num_shards` shards OUT-0000j-of-0000N.array_record.
 
@@ -157,8 +158,11 @@ def convert_webdataset(
     `source` is stored in every record. Done shards are skipped (resume);
     `workers` processes write shards in parallel. `task` = (i, M): this
     machine writes the shards j with j % M == i (run M machines on one output).
+    `ray_address` (every convert_* function): the shards are Ray tasks on that
+    cluster instead (convert_run.ray_connect; OUT on a file system the nodes
+    share; `workers` then caps the shards in flight, 0 = no cap); the same bytes.
     """
-    out = _check_common(out, num_shards, workers)
+    out = _check_common(out, num_shards, workers, ray_address)
     vecap_files = _vecap_files(vecap_json)
     jobs = _file_jobs(
         "webdataset",
@@ -169,7 +173,9 @@ def convert_webdataset(
         source=source,
         verify_images=verify_images,
     )
-    return run_conversion(jobs, out, vecap_json=vecap_files, workers=workers, task=_tasks(task))
+    return run_conversion(
+        jobs, out, vecap_json=vecap_files, workers=workers, task=_tasks(task), ray_address=ray_address
+    )
 
 
 def convert_parquet(
@@ -184,6 +190,7 @@ def convert_parquet(
     workers: int = 1,
     verify_images: bool = True,
     task: tuple[int, int] = (0, 1),
+    ray_address: str | None = None,
 ) -> ConversionSummary:
     """Converts Parquet tables (image bytes or paths, captions) into `num_shards` shards.
 
@@ -195,7 +202,7 @@ def convert_parquet(
     input files i with i % num_shards == j; the key is the key column, else
     FILE-STEM/ROW. `task` as in convert_webdataset.
     """
-    out = _check_common(out, num_shards, workers)
+    out = _check_common(out, num_shards, workers, ray_address)
     vecap_files = _vecap_files(vecap_json)
     # The root is explicit (the working directory by default) so that path cells can be confined to it.
     root = os.path.abspath(os.path.expanduser(image_root or os.getcwd()))
@@ -215,7 +222,9 @@ def convert_parquet(
         columns=columns,
         image_root=root,
     )
-    return run_conversion(jobs, out, vecap_json=vecap_files, workers=workers, task=_tasks(task))
+    return run_conversion(
+        jobs, out, vecap_json=vecap_files, workers=workers, task=_tasks(task), ray_address=ray_address
+    )
 
 
 def convert_image_folder(
@@ -225,19 +234,22 @@ def convert_image_folder(
     *,
     captions: str | None = None,
     class_template: str | None = None,
+    vecap_json: str | Sequence[str] | None = None,
     source: str | None = None,
     workers: int = 1,
     verify_images: bool = True,
     task: tuple[int, int] = (0, 1),
+    ray_address: str | None = None,
 ) -> ConversionSummary:
     """Converts an ImageFolder tree (ROOT/CLASS/IMAGE...) with a captions file into `num_shards` shards.
 
     `captions` and `class_template`: see readers.table.read_image_folder (an
     image without a caption entry takes the template filled with its folder's
     name, else it is skipped as no_caption). Output shard j holds the images r
-    (sorted by path) with r % num_shards == j; the key is the relative path.
+    (sorted by path) with r % num_shards == j; the key is the relative path, by
+    which `vecap_json` captions are joined (images have no URL; make_vecap writes keys).
     """
-    out = _check_common(out, num_shards, workers)
+    out = _check_common(out, num_shards, workers, ray_address)
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder not found: {root}")
@@ -245,6 +257,7 @@ def convert_image_folder(
     if captions and not os.path.isfile(captions):
         raise FileNotFoundError(f"captions file not found: {captions}")
     rows = read_image_folder(root, captions, class_template)
+    vecap_files = _vecap_files(vecap_json)
     if num_shards > len(rows):
         raise ConversionError(f"num_shards {num_shards} > {len(rows)} images under {root}")
     st = os.stat(captions) if captions else None
@@ -254,7 +267,7 @@ def convert_image_folder(
         "inputs": [root, len(rows), captions, st.st_size if st else 0, st.st_mtime_ns if st else 0],
         "class_template": class_template,
         "source": source,
-    }
+    } | ({"vecap_json": vecap_files} if vecap_files else {})  # unchanged for outputs made without
     jobs = [
         Job(
             path=records.shard_name(out, j, num_shards),
@@ -267,7 +280,9 @@ def convert_image_folder(
         )
         for j in range(num_shards)
     ]
-    return run_conversion(jobs, out, vecap_json=[], workers=workers, task=_tasks(task))
+    return run_conversion(
+        jobs, out, vecap_json=vecap_files, workers=workers, task=_tasks(task), ray_address=ray_address
+    )
 
 
 def convert_table(
@@ -283,6 +298,7 @@ def convert_table(
     workers: int = 1,
     verify_images: bool = True,
     task: tuple[int, int] = (0, 1),
+    ray_address: str | None = None,
 ) -> ConversionSummary:
     """Converts a CSV/TSV table of image paths and captions into `num_shards` shards.
 
@@ -294,7 +310,7 @@ def convert_table(
     A row without a VeCap caption takes one from `vecap_json` by its URL
     column. Output shard j holds rows r with r % num_shards == j.
     """
-    out = _check_common(out, num_shards, workers)
+    out = _check_common(out, num_shards, workers, ray_address)
     table = os.path.abspath(os.path.expanduser(table))
     if not os.path.isfile(table):
         raise FileNotFoundError(f"table not found: {table}")
@@ -331,4 +347,6 @@ def convert_table(
                 verify_images=verify_images,
             )
         )
-    return run_conversion(jobs, out, vecap_json=vecap_files, workers=workers, task=_tasks(task))
+    return run_conversion(
+        jobs, out, vecap_json=vecap_files, workers=workers, task=_tasks(task), ray_address=ray_address
+    )

@@ -16,6 +16,21 @@ two machines given the same --task_index) is refused, naming the holder,
 instead of both writing the same PATH.tmp. Under the lock, this conversion's
 temporary files are its own: those a killed converter left are removed at the
 start, and those of a failed run (a full disk) when it fails.
+
+On a Ray cluster (`ray_address`, `--ray_address`). The pending shards become
+Ray tasks (one CPU each) instead of worker processes; this process (the
+driver) keeps everything else: the lock, the resume rule, the VeCap index,
+the summary. A task runs the same `write_shard` on the same Job, so the
+shards are byte for byte those of a local run. The workers read the inputs
+and write OUT-* where the driver names them: OUT (and the inputs) must be on
+a file system every node mounts at the same path (NFS, Lustre, a GCS/S3 FUSE
+mount); a task that does not see the driver's lock file refuses to write
+rather than fill a node-local disk. A failing shard stops the run like a
+failing worker process: no new shard starts, the shards under way are
+cancelled, and its own exception (not Ray's wrapper) reaches the caller.
+
+Over 520 lines: one conversion's life (lock, resume, processes or Ray tasks,
+summary) reads best in one place; the shard itself is in convert_shard.py.
 """
 
 from __future__ import annotations
@@ -33,6 +48,7 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -331,8 +347,13 @@ def run_conversion(
     vecap_json: list[str],
     workers: int,
     task: tuple[int, int] = (0, 1),
+    ray_address: str | None = None,
 ) -> ConversionSummary:
-    """Writes this task's pending shards (holding the output's lock), then the summary; returns it."""
+    """Writes this task's pending shards (holding the output's lock), then the summary; returns it.
+
+    `ray_address`: write the shards as tasks on that Ray cluster (see `ray_connect`); `workers` is
+    then the most shards in flight at once (0: as many as the cluster runs).
+    """
     os.makedirs(os.path.dirname(shard_stats_path(out, 0, 1)), exist_ok=True)
     task_index, num_tasks = task
     # Task i of M (one per machine) writes the output shards j with j % M == i: shards depend only
@@ -345,7 +366,9 @@ def run_conversion(
                      len(stale), stale[0], ", ..." if len(stale) > 1 else "")  # fmt: skip
             _remove(stale)
         try:
-            return _run_locked(jobs, out, mine, vecap_json=vecap_json, workers=workers, task=task)
+            return _run_locked(
+                jobs, out, mine, vecap_json=vecap_json, workers=workers, task=task, ray_address=ray_address
+            )
         except BaseException:
             _remove(_temporaries(jobs, mine, out, task))  # a full disk must not leave PATH.tmp behind
             raise
@@ -359,6 +382,7 @@ def _run_locked(
     vecap_json: list[str],
     workers: int,
     task: tuple[int, int],
+    ray_address: str | None = None,
 ) -> ConversionSummary:
     t0 = time.perf_counter()
     num_shards = len(jobs)
@@ -388,8 +412,10 @@ def _run_locked(
             stats["seconds"],
         )
 
-    workers = max(1, min(workers, len(pending)))
-    if workers == 1:
+    if ray_address is not None:
+        if pending:
+            _run_on_ray(pending, out, ray_address, workers, finished)
+    elif (workers := max(1, min(workers, len(pending)))) == 1:
         for job in pending:  # in this process: no start-up cost, plain tracebacks
             finished(write_shard(job))
     else:
@@ -419,6 +445,89 @@ def _run_locked(
             fileio.atomic_write_json(whole.stats_path, whole.to_dict(), indent=1)
             log.info("all %d shards of %s are done: %s", num_shards, out, whole.stats_path)
     return summary
+
+
+def ray_connect(address: str) -> bool:
+    """Connects this process to Ray; True when it started the connection (so it shuts it down after).
+
+    "local": a Ray on this machine only, started here (nothing to start before); "auto": the
+    cluster this machine joined with `ray start`; HOST:PORT: that cluster's head;
+    ray://HOST:10001: through Ray Client. A process already connected (a caller's own
+    `ray.init`, a test's) keeps its connection, whatever the address.
+    """
+    import ray  # here: Ray starts nothing and costs nothing unless asked for
+
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, include_dashboard=False if address == "local" else None,
+                 logging_level=logging.WARNING)  # fmt: skip
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise ConversionError(
+            f"--ray_address={address}: cannot connect to Ray ({str(e).splitlines()[0]}); use "
+            "local, auto (after `ray start` on this machine), HOST:PORT or ray://HOST:10001"
+        ) from None
+    return True
+
+
+def _write_shard_on_node(job: Job, lock: str, holder: str) -> dict[str, Any]:
+    """`write_shard` in a Ray worker, once it has seen the driver's lock: OUT is shared with the driver."""
+    if holder and _read_holder(lock) != holder:
+        raise ConversionError(
+            f"{socket.gethostname()} does not see {lock} as the converter left it: the output must "
+            "be on a file system every node of the Ray cluster mounts at the same path"
+        )
+    return write_shard(job)
+
+
+def _run_on_ray(
+    pending: list[Job], out: str, address: str, workers: int, finished: Callable[[dict[str, Any]], None]
+) -> None:
+    """Writes the pending shards as Ray tasks (one CPU each), `workers` at most in flight (0: all)."""
+    import ray
+
+    started = ray_connect(address)
+    try:
+        # num_cpus=1: a shard is one thread of decode checks; a fraction would oversubscribe the
+        # cores. Retries (node lost) are safe: write_shard rewrites PATH.tmp from the start.
+        task = ray.remote(num_cpus=1)(_write_shard_on_node)
+        lock = lock_path(out)
+        holder = _read_holder(lock)
+        window = workers if workers > 0 else len(pending)
+        queue, running = list(pending), {}
+        cpus = ray.cluster_resources().get("CPU", 0)
+        log.info("Ray: %d shards as tasks on a cluster of %g CPUs", len(pending), cpus)
+        try:
+            while queue or running:
+                while queue and len(running) < window:
+                    job = queue.pop(0)
+                    running[task.remote(job, lock, holder)] = job
+                (ref,), _ = ray.wait(list(running), num_returns=1)
+                del running[ref]
+                finished(_ray_result(ray, ref))
+        except BaseException:
+            for ref in running:  # no new shard starts; those under way stop (a rerun redoes them)
+                ray.cancel(ref)
+            for ref in running:  # settled before the caller removes their temporary files
+                try:
+                    ray.get(ref)
+                except Exception:  # noqa: S110 (cancelled or failed too: the first error is raised)
+                    pass
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _ray_result(ray: Any, ref: Any) -> dict[str, Any]:
+    """A task's stats, or the shard's own exception: Ray's wrapper carries the remote traceback."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            raise cause from None
+        raise
 
 
 def _summary(

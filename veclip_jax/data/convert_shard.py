@@ -80,7 +80,8 @@ def _webdataset_candidate(
     if isinstance(sample, str):
         return sample
     alt = _caption(sample.alt_text)
-    vecap = _caption(lookup(sample.url)) if lookup is not None and sample.url is not None else None
+    # Joined by URL; a sample without one by its key (launch/make_vecap.py writes keys then).
+    vecap = _caption(lookup(sample.url if sample.url is not None else key)) if lookup is not None else None
     if alt is None and vecap is None:
         return "empty_caption"
     if sample.image is None:
@@ -123,8 +124,8 @@ def _table_candidate(row: Row, lookup: VecapLookup | None, source: str | None, r
     if row.error is not None:
         return "bad_row"
     alt, vecap, joined = _caption(row.alt_text), _caption(row.vecap_text), False
-    if vecap is None and lookup is not None and row.url:
-        vecap = _caption(lookup(row.url))
+    if vecap is None and lookup is not None:
+        vecap = _caption(lookup(row.url or row.key))  # by key without a URL, as make_vecap writes
         joined = vecap is not None
     if alt is None and vecap is None:
         return "empty_caption"

@@ -7,11 +7,32 @@ from the image's size alone, so both decoders give the same crop for the same
 random generator.
 
 The crop is decoded at reduced scale when the crop box is large compared to
-the output (libjpeg's DCT scaling, M/8 factors): a 500x375 image cropped to
-224 px decodes at 313x235 and resizes from there, about 20 % faster than a
-full decode, with no pixel read below the output resolution (the decoded crop
-is never smaller than the output). PIL's `draft` does the same with powers of
-two.
+the output (libjpeg's DCT scaling, M/8 factors), with no pixel read below the
+output resolution (the decoded crop is never smaller than the output): a
+500x375 image cropped to 224 px decodes at 313x235 and resizes from there.
+The decode alone is then no cheaper than a full one (entropy decoding, the
+same at every scale, is most of it; libjpeg-turbo's 5/8-7/8 IDCTs have no
+SIMD code) but the bicubic resize, PIL's and the larger cost, is: decode +
+resize 2.3 ms against 3.0 from full size (CPU, bench.input's photos). Except
+at 7/8, where both together cost more than a full decode and resize (3.6
+against 3.0 ms at 500x375, 12.3 against 10.2 at 1024x768, the same box; on
+256-300 px photos the two are within 15 %, either way): such crops decode at
+full size (`_jpeg_decode_size`), the exact pixels. PIL's `draft` does the same
+with powers of two.
+
+The resize (`resize="torch"`, data.resize_backend, the default) is torch's
+uint8 antialiased bicubic (`interpolate(antialias=True)`: PIL's filter, ported,
+with AVX2 code): 0.3-0.4 ms against PIL's 1.0-1.5 for the same 224-px crop. It
+takes no sub-pixel box, so the box is rounded to whole pixels of the decoded
+(scaled) image, each edge moving at most half a pixel there: at most 0.5/size
+of the crop's extent (0.22 % at 224 px), its area and aspect within 1/size x 2
+(0.9 %). Against PIL on the same whole-pixel box it is the same filter to the
+rounding (max difference 1-2, >= 66 dB); against PIL's sub-pixel box the
+half-pixel shift gives 38-47 dB on bench.input's noisy photos. "pil" keeps
+PIL's sub-pixel box. torch is imported at the first crop (about 190 MiB more
+resident per process) and pinned to one thread, the pipeline's threads and
+worker processes being the parallelism. Over 520 lines: the decode and its
+two resize paths belong together.
 """
 
 from __future__ import annotations
@@ -52,6 +73,7 @@ MAX_DECODE_BYTES = 1 << 28
 MAX_EVAL_ASPECT = 4
 
 DECODERS = ("simplejpeg", "pil")
+RESIZE_BACKENDS = ("torch", "pil")  # the training crop's resize (module docstring)
 
 # open_clip's training crop uses bicubic (torchvision's RandomResizedCrop with
 # InterpolationMode.BICUBIC).
@@ -183,11 +205,60 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _resize_box(img: Image.Image, box: Box, size: int, full: tuple[int, int]) -> np.ndarray:
-    """Crops `box` (given in `full` = (width, height) pixels) out of `img` and resizes it."""
-    sx, sy = img.width / full[0], img.height / full[1]
+_torch = None  # imported at the first torch resize: a process that never crops does not pay for it
+
+
+def _torch_or_none():
+    """torch, pinned to one intra-op thread (one pool per process would oversubscribe the workers);
+    None when it is not installed (then PIL resizes)."""
+    global _torch
+    if _torch is None:
+        try:
+            import torch
+        except ImportError:
+            _torch = False
+        else:
+            torch.set_num_threads(1)
+            _torch = torch
+    return _torch or None
+
+
+def whole_pixel_box(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    """`box` rounded (half up) to whole pixels of a width x height image, at least 1 pixel each way:
+    each edge moves at most half a pixel (but for a box under a pixel wide)."""
+    left, top = (min(max(math.floor(v + 0.5), 0), n - 1) for v, n in ((box[0], width), (box[1], height)))
+    right = min(max(math.floor(box[2] + 0.5), left + 1), width)
+    bottom = min(max(math.floor(box[3] + 0.5), top + 1), height)
+    return left, top, right, bottom
+
+
+def _resize_box(img: Image.Image | np.ndarray, box: Box, size: int, full: tuple[int, int]) -> np.ndarray:
+    """Crops `box` (given in `full` = (width, height) pixels) out of `img` and resizes it: a PIL
+    image by PIL (sub-pixel box), an RGB array (writable: torch.from_numpy) by torch (whole pixels)."""
+    h, w = (img.height, img.width) if isinstance(img, Image.Image) else img.shape[:2]
+    sx, sy = w / full[0], h / full[1]
     scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-    return np.asarray(img.resize((size, size), _RESAMPLE, box=scaled))
+    if isinstance(img, Image.Image):
+        return np.asarray(img.resize((size, size), _RESAMPLE, box=scaled))
+    left, top, right, bottom = whole_pixel_box(scaled, w, h)
+    crop = _torch.from_numpy(img[top:bottom, left:right]).permute(2, 0, 1)[None]  # NCHW, channels-last
+    out = _torch.nn.functional.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)
+    return out[0].permute(1, 2, 0).numpy()  # a strided view: the caller's np.stack copies it
+
+
+# libjpeg scales that cost more (decode + resize) than decoding at the next larger scale: 7/8's IDCT
+# is C code while 8/8's is SIMD (measured in the module docstring).
+_SLOW_SCALES = frozenset({7})
+
+
+def _jpeg_decode_size(min_h: int, min_w: int, height: int, width: int) -> tuple[int, int] | None:
+    """(height, width) to ask simplejpeg for: the least M/8 scale (M < 8, not slow) still covering
+    (min_h, min_w), as libjpeg rounds (ceil(dim * M / 8)); None: decode at full size."""
+    for m in range(1, 8):
+        h, w = -(-height * m // 8), -(-width * m // 8)
+        if h >= min_h and w >= min_w:
+            return None if m in _SLOW_SCALES else (h, w)
+    return None
 
 
 def _min_decode_size(box: Box, size: int, height: int, width: int) -> tuple[int, int]:
@@ -210,12 +281,17 @@ def decode_random_crop(
     scale: tuple[float, float],
     ratio: tuple[float, float],
     decoder: str = "simplejpeg",
+    resize: str = "torch",
 ) -> np.ndarray:
     """Decodes an encoded image and returns a RandomResizedCrop of it: uint8 [size, size, 3].
 
+    `resize`: "torch" (the box rounded to whole decoded pixels, torch's kernel;
+    PIL when torch is not installed) or "pil" (PIL, sub-pixel box): module docstring.
     Raises ImageDecodeError if no decoder can read the bytes.
     """
-    return decode_random_crops(data, [rng], size=size, scale=scale, ratio=ratio, decoder=decoder)[0]
+    return decode_random_crops(
+        data, [rng], size=size, scale=scale, ratio=ratio, decoder=decoder, resize=resize
+    )[0]
 
 
 def decode_random_crops(
@@ -226,6 +302,7 @@ def decode_random_crops(
     scale: tuple[float, float],
     ratio: tuple[float, float],
     decoder: str = "simplejpeg",
+    resize: str = "torch",
 ) -> np.ndarray:
     """Several RandomResizedCrops of one image, decoded once: uint8 [len(rngs), size, size, 3].
 
@@ -236,6 +313,8 @@ def decode_random_crops(
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if resize not in RESIZE_BACKENDS:
+        raise ValueError(f"resize must be one of {RESIZE_BACKENDS}, got {resize!r}")
     if not rngs:
         raise ValueError("decode_random_crops needs at least one generator")
     use_sj = decoder == "simplejpeg" and simplejpeg is not None
@@ -260,17 +339,24 @@ def decode_random_crops(
         img = None
         if pil_img is None:
             try:
-                if min_h < height and min_w < width:
-                    arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h, min_width=min_w)
+                if scaled := _jpeg_decode_size(min_h, min_w, height, width):
+                    arr = simplejpeg.decode_jpeg(
+                        data, colorspace="RGB", min_height=scaled[0], min_width=scaled[1]
+                    )
                 else:
                     arr = simplejpeg.decode_jpeg(data, colorspace="RGB")
-                img = Image.fromarray(arr)
+                img = arr  # the PIL resize wraps it (_resize_box); torch's takes it as it is
             except ValueError:
                 pil_img = _open_pil(data)  # as decode_random_crop: PIL decides, with the same boxes
         if img is None:
             if pil_img.format == "JPEG":
                 pil_img.draft("RGB", (min_w, min_h))
             img = to_rgb(pil_img)  # also loads; every mode ends up 8-bit RGB (16-bit scaled, not clipped)
+        if resize == "torch" and _torch_or_none() is not None:
+            if isinstance(img, Image.Image):
+                img = np.array(img)  # writable (PIL's own array view is not, and torch warns)
+        elif not isinstance(img, Image.Image):
+            img = Image.fromarray(img)  # once for all the boxes
         return np.stack([_resize_box(img, box, size, (width, height)) for box in boxes])
     except ImageDecodeError:
         raise
@@ -316,12 +402,25 @@ def image_decodes(data: bytes) -> bool:
         return False
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB [..., 3] -> float32, CLIP mean/std normalised."""
-    out = image.astype(np.float32)
+def normalize(
+    image: np.ndarray,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> np.ndarray:
+    """uint8 (or 0-255 float) RGB [..., 3] -> float32, mean/std normalised (CLIP's by default).
+
+    The reference of the normalisation the model now does itself, inside the jitted step
+    (models/clip.py `normalize_pixels`, the same float32 arithmetic): the pipeline and evaluation
+    send uint8 pixels. Kept for tests, benchmarks and users who feed other tools.
+    """
+    out = np.asarray(image).astype(np.float32)
+    mean_255, inv_std_255 = _MEAN_255, _INV_STD_255
+    if tuple(mean) != CLIP_MEAN or tuple(std) != CLIP_STD:
+        mean_255 = np.asarray(mean, np.float32) * np.float32(255.0)
+        inv_std_255 = np.float32(1.0) / (np.asarray(std, np.float32) * np.float32(255.0))
     # In place: a third faster than the expression form, which makes two temporaries.
-    out -= _MEAN_255
-    out *= _INV_STD_255
+    out -= mean_255
+    out *= inv_std_255
     return out
 
 
@@ -414,20 +513,23 @@ def bilinear_resize(
 
 @dataclasses.dataclass(frozen=True)
 class EvalPreprocess:
-    """An image (PIL or uint8 HWC array, any size) -> float32 [crop, crop, 3], normalised.
+    """An image (PIL or uint8 HWC array, any size) -> its pixels [crop, crop, 3], not normalised.
 
     method "bicubic": `resize_center_crop` (HF CLIPImageProcessor's arithmetic,
     PIL bicubic; what we train-evaluate and export with). "bilinear": PIL
-    bilinear, same arithmetic. "tf_bilinear": VeCLIP's released evaluation
-    (shorter side to `size` by `bilinear_resize`, the longer side rounded
-    half-to-even as TF does, a centre crop, float pixels throughout).
+    bilinear, same arithmetic. Both give uint8. "tf_bilinear": VeCLIP's released
+    evaluation (shorter side to `size` by `bilinear_resize`, the longer side
+    rounded half-to-even as TF does, a centre crop, float pixels throughout):
+    float32 in [0, 255], unrounded, as VeCLIP's evaluation feeds them.
+
+    The mean/std normalisation is the model's (config.model.vision.image_mean /
+    image_std), done inside its jitted computation (models/clip.py): the host
+    ships 1 byte a channel. `normalize(out, mean, std)` is the float reference.
     """
 
     size: int  # the shorter side after resizing
     crop: int
     method: str = "bicubic"
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
 
     def __post_init__(self) -> None:
         if self.method not in ("bicubic", "bilinear", "tf_bilinear"):
@@ -449,9 +551,11 @@ class EvalPreprocess:
         resample = _RESAMPLE if self.method == "bicubic" else Image.Resampling.BILINEAR
         return _resize_center_crop_pil(to_rgb(pil), self.size, self.crop, resample)
 
+    @property
+    def dtype(self) -> np.dtype:
+        """What `__call__` gives: uint8, or float32 for "tf_bilinear" (unrounded bilinear pixels)."""
+        return np.dtype(np.float32 if self.method == "tf_bilinear" else np.uint8)
+
     def __call__(self, image: Image.Image | np.ndarray) -> np.ndarray:
         """Raises ImageDecodeError for an image over the decode budget (MAX_DECODE_BYTES) or empty."""
-        arr = self._cropped(image).astype(np.float32)  # uint8 (float32 for tf_bilinear): crop first
-        mean = np.asarray(self.mean, np.float32) * 255.0
-        std = np.asarray(self.std, np.float32) * 255.0
-        return (arr - mean) / std
+        return np.ascontiguousarray(self._cropped(image), self.dtype)

@@ -4,7 +4,8 @@ Runs in the pipeline's reader threads and worker processes (pickled to
 them), so it holds plain values only and imports no jax. For each example:
 read the record (ArrayRecord) or parse the streamed sample (readers/),
 choose the caption (VeCLIP mixing with the source's vecap_prob), decode +
-RandomResizedCrop + normalise, tokenise, and make the keys beyond those
+RandomResizedCrop (uint8 pixels: the model normalises them inside its jitted
+step, models/clip.py), tokenise, and make the keys beyond those
 (MoCo v2 views, an EDA caption, a BERT-masked caption). Each draws from its
 own stream of seeds.example_rng(source seed, stream, epoch, index), so an
 example looks the same whatever the process count, worker count or restart.
@@ -43,6 +44,7 @@ class ImageSpec:
     crop_scale: tuple[float, float]
     crop_ratio: tuple[float, float]
     decoder: str
+    resize: str = "torch"  # data.resize_backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +74,9 @@ class Example:
 
 
 class Preprocess(grain.transforms.Map):
-    """One Item -> Example({"image": float32 [S, S, 3], "tokens": int32 [L]}, and extras), or Skipped.
+    """One Item -> Example({"image": uint8 [S, S, 3], "tokens": int32 [L]}, and extras), or Skipped.
 
-    The extras (ExtraSpec): "views" float32 [V, S, S, 3], "tokens_eda",
+    The extras (ExtraSpec): "views" uint8 [V, S, S, 3], "tokens_eda",
     "tokens_mlm", "mlm_labels" int32 [L]; "image" left out when not wanted.
     """
 
@@ -138,15 +140,15 @@ class Preprocess(grain.transforms.Map):
         try:
             if ex.image:
                 rng = seeds.example_rng(spec.seed, seeds.STREAM_CROP, item.epoch, item.index)
-                pixels = image_ops.decode_random_crop(
+                out["image"] = image_ops.decode_random_crop(
                     data,
                     rng,
                     size=im.image_size,
                     scale=im.crop_scale,
                     ratio=im.crop_ratio,
                     decoder=im.decoder,
-                )
-                out["image"] = image_ops.normalize(pixels)
+                    resize=im.resize,
+                )  # uint8: normalised on the device (batch.py)
             if ex.views is not None:
                 rngs = [
                     seeds.example_rng(spec.seed, seeds.STREAM_VIEW, item.epoch, item.index, v)
@@ -187,6 +189,7 @@ def image_spec(config: ml_collections.ConfigDict) -> ImageSpec:
         crop_scale=tuple(float(x) for x in d.crop_scale),
         crop_ratio=tuple(float(x) for x in d.crop_ratio),
         decoder=d.decoder,
+        resize=d.resize_backend,
     )
 
 
@@ -242,6 +245,7 @@ def extra_spec(
             blur_sigma=tuple(float(x) for x in a.blur_sigma),
             flip_prob=float(a.flip_prob),
             decoder=d.decoder,
+            resize=d.resize_backend,
         )
     eda_alpha = None
     if "tokens_eda" in keys:

@@ -26,7 +26,16 @@ import numpy as np
 from veclip_jax.eval.datasets import load_image
 from veclip_jax.run.inference import Encoders
 
-Preprocess = Callable[[Any], np.ndarray]  # PIL image or RGB array -> float32 [S, S, 3]
+# PIL image or RGB array -> its pixels [S, S, 3], not normalised: uint8 (EvalPreprocess's "bicubic",
+# "bilinear") or float in [0, 255] ("tf_bilinear"). The model normalises them with its image mean/std
+# inside the jitted encoder (models/clip.py), so the batches cross to the devices as uint8.
+Preprocess = Callable[[Any], np.ndarray]
+
+
+def pixel_dtype(preprocess: Preprocess) -> np.dtype:
+    """The dtype the images of `preprocess` travel in: its `dtype` (EvalPreprocess's), else float32
+    (any pixel values, exactly). One per run: every process's batches must agree (a collective)."""
+    return np.dtype(getattr(preprocess, "dtype", np.float32))
 
 
 @dataclasses.dataclass
@@ -36,11 +45,16 @@ class _Load:
     source: Any
     preprocess: Preprocess
     image_size: int
+    dtype: np.dtype = np.dtype(np.float32)
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         example = self.source[int(index)]
         try:
-            image = np.asarray(self.preprocess(load_image(example["image"])), np.float32)
+            image = np.asarray(self.preprocess(load_image(example["image"])))
+            if image.dtype != self.dtype:
+                if self.dtype == np.uint8:
+                    raise TypeError(f"preprocessing gave {image.dtype} pixels, its dtype says uint8")
+                image = image.astype(self.dtype)
         except Exception as e:
             what = example["image"] if isinstance(example["image"], str) else f"example {index}"
             raise ValueError(f"cannot read the image of {what}: {type(e).__name__}: {e}") from e
@@ -106,9 +120,10 @@ def embed_images(
     steps = math.ceil(math.ceil(n / procs) / local_b)  # every process runs the largest slice's count
     threads = num_threads or max(1, min(8, os.cpu_count() or 1))
     size = encoders.model.towers.image_size
+    dtype = pixel_dtype(preprocess)
     ds = (
         grain.MapDataset.range(start, stop)
-        .map(_Load(source, preprocess, size))
+        .map(_Load(source, preprocess, size, dtype))
         .to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * local_b, 16)))
         .batch(local_b, drop_remainder=False)
     )
@@ -120,7 +135,7 @@ def embed_images(
     try:
         for _ in range(steps):
             batch = next(it, None)
-            images = np.zeros((local_b, size, size, 3), np.float32)
+            images = np.zeros((local_b, size, size, 3), dtype)
             tags = np.full((local_b, 2), -1, np.int32)
             if batch is not None:
                 k = len(batch["tag"])

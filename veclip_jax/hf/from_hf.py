@@ -4,7 +4,9 @@
 `transformers.CLIPModel` directory: OpenAI's or ours exported (with their
 tokenizers), or a released VeCLIP checkpoint (config and weights only, T5's
 sentencepiece model given separately). `hf_preprocess(dir)` is its image
-preprocessing.
+preprocessing (resize and crop: uint8 pixels); its preprocessor's image mean/std
+go into the model config (`model.vision.image_mean` / `image_std`), which the
+model applies inside its jitted computation (models/clip.py).
 """
 
 from __future__ import annotations
@@ -244,17 +246,32 @@ def import_params(hf_dir: str, placement: Any) -> Any:
     )
 
 
-def hf_preprocess(hf_dir: str, image_size: int) -> EvalPreprocess:
-    """The preprocessing of a HF CLIP directory: its preprocessor_config.json, else VeCLIP's."""
+def _image_processor_config(hf_dir: str) -> tuple[dict[str, Any], str]:
+    """(a HF CLIP directory's image processor settings ({} when it has none), the file they are in)."""
     path = os.path.join(hf_dir, "preprocessor_config.json")
     processor = os.path.join(hf_dir, "processor_config.json")  # transformers 5 may keep it here instead
-    p = {}
     if os.path.exists(path):
         with open(path) as f:
-            p = json.load(f)
-    elif os.path.exists(processor):
+            return json.load(f), path
+    if os.path.exists(processor):
         with open(processor) as f:
-            p = json.load(f).get("image_processor", {})
+            return json.load(f).get("image_processor", {}), processor
+    return {}, path
+
+
+def hf_image_stats(hf_dir: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(image_mean, image_std) of a HF CLIP directory's image processor; CLIP's when it has none (the
+    released VeCLIP checkpoints: VeCLIP normalises with CLIP's). The model config carries them."""
+    p, _ = _image_processor_config(hf_dir)
+    mean = tuple(float(x) for x in p.get("image_mean", CLIP_MEAN))
+    std = tuple(float(x) for x in p.get("image_std", CLIP_STD))
+    return mean, std
+
+
+def hf_preprocess(hf_dir: str, image_size: int) -> EvalPreprocess:
+    """The resize and crop of a HF CLIP directory: its preprocessor_config.json, else VeCLIP's.
+    Its mean/std are the model's (`hf_image_stats`, applied in the model)."""
+    p, path = _image_processor_config(hf_dir)
     if not p:
         log.info("%s has no image processor config: VeCLIP's (TF bilinear, centre crop)", hf_dir)
         return EvalPreprocess(image_size, image_size, "tf_bilinear")
@@ -267,9 +284,7 @@ def hf_preprocess(hf_dir: str, image_size: int) -> EvalPreprocess:
     method = {2: "bilinear", 3: "bicubic"}.get(int(p.get("resample", 3)))
     if method is None:
         raise ValueError(f"{path}: resample={p.get('resample')} is not bilinear (2) or bicubic (3)")
-    mean = tuple(p.get("image_mean", CLIP_MEAN))
-    std = tuple(p.get("image_std", CLIP_STD))
-    return EvalPreprocess(int(size), int(crop), method, mean, std)
+    return EvalPreprocess(int(size), int(crop), method)
 
 
 def import_hf(
@@ -307,6 +322,6 @@ def import_hf(
         pad = text.pad_token_id if text.pad_token_id is not None else 0
         tok = Tokenizer(tok_path, text.max_position_embeddings, pad_id=pad, eos_id=eos)
     model_cfg = model_config_from_hf(hf_cfg, eos_id=eos, pad_id=pad)
+    model_cfg.vision.image_mean, model_cfg.vision.image_std = hf_image_stats(hf_dir)
     params = params_from_hf(load_hf_state_dict(hf_dir), abstract_params(build(model_cfg)))
     return model_cfg, params, tok
-

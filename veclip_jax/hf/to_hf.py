@@ -315,8 +315,9 @@ def save_hf_directory(
             size={"shortest_edge": size},
             crop_size={"height": size, "width": size},
             resample=3,  # PIL bicubic, as veclip_jax.data.image_ops.resize_center_crop
-            image_mean=list(CLIP_MEAN),
-            image_std=list(CLIP_STD),
+            # the model's own statistics (config.model.vision, applied in its jitted computation)
+            image_mean=[float(x) for x in model_cfg.vision.get("image_mean", CLIP_MEAN)],
+            image_std=[float(x) for x in model_cfg.vision.get("image_std", CLIP_STD)],
         )
         transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp)
         image_processor.save_pretrained(tmp)  # preprocessor_config.json, for CLIPImageProcessor alone

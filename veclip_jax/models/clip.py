@@ -12,6 +12,12 @@ ResNet has no visual_projection, and its BatchNorm running averages are the "bat
 collection beside "params" (`CLIP.stateful`): training updates them (`outputs(..., train=True)`,
 statistics of the global batch), every other use reads them.
 
+Pixels in: the image tower takes uint8 RGB [B, S, S, 3] (or float pixels in [0, 255]: VeCLIP's TF-style
+bilinear evaluation resize is not rounded) and normalises them with the model's image mean/std
+(`normalize_pixels`, config.model.vision.image_mean / image_std) inside the jitted computation, so the
+host sends 1 byte a channel instead of 4 and spends no CPU on the arithmetic (issue 25). Every image
+input (`image`, each view, `encode_image`, `image_tokens`) goes through `_vision`, the one place.
+
 Towers only: a training objective's own parameters (SigLIP's bias, SLIP's
 MLP, ...) are the objective's, composed with these towers outside models/
 (veclip_jax/objectives/model.py), beside them in one tree under objective/.
@@ -26,8 +32,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from veclip_jax.batch import TEXT_INPUTS
+from veclip_jax.defaults import CLIP_MEAN, CLIP_STD  # CLIP's (OpenAI's) statistics on [0, 1] pixels
 from veclip_jax.models.layers import TransformerConfig, l2_normalize, with_axes
 from veclip_jax.models.resnet import ModifiedResNet, ResNetConfig
 from veclip_jax.models.text import TextTransformer
@@ -56,6 +64,23 @@ OUTPUTS = (
 )
 
 
+def pixel_constants(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean * 255, 1 / (std * 255)) as float32 constants, computed as the host normalisation did
+    (data/image_ops.py `normalize`), so the in-jit result is the host's to the bit."""
+    mean_255 = np.asarray(mean, np.float32) * np.float32(255.0)
+    return mean_255, np.float32(1.0) / (np.asarray(std, np.float32) * np.float32(255.0))
+
+
+def normalize_pixels(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
+    """uint8 (or float, 0-255) RGB pixels [..., 3] -> float32 (x - 255 mean) / (255 std), per channel.
+
+    The arithmetic of the host's former `image_ops.normalize` (subtract, then multiply by the
+    reciprocal, in float32); the tower then casts to its compute dtype as before.
+    """
+    mean_255, inv_std_255 = pixel_constants(mean, std)
+    return (images.astype(jnp.float32) - mean_255) * inv_std_255
+
+
 class CLIP(nn.Module):
     """`__call__(images, tokens)` -> {"image_embeds", "text_embeds", "logit_scale"}.
 
@@ -74,6 +99,8 @@ class CLIP(nn.Module):
     embed_dim: int
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = 100.0
+    image_mean: tuple[float, float, float] = CLIP_MEAN  # pixels are normalised with these (in jit)
+    image_std: tuple[float, float, float] = CLIP_STD
 
     @property
     def stateful(self) -> bool:
@@ -108,6 +135,7 @@ class CLIP(nn.Module):
         )
 
     def _vision(self, images: jax.Array, train: bool, return_tokens: bool = False) -> Any:
+        images = normalize_pixels(images, self.image_mean, self.image_std)  # every image input's one place
         if self.stateful:
             return self.vision_model(images, train=train, return_tokens=return_tokens)
         return self.vision_model(images, return_tokens=return_tokens)
@@ -209,6 +237,11 @@ def build_model(model_cfg: Any, *, unroll: bool = False, logit_scale_init: float
         attention=model_cfg.attention,
     )
     v, t = model_cfg.vision, model_cfg.text
+    # A model config saved before these fields existed normalised with CLIP's statistics.
+    mean = tuple(float(x) for x in v.get("image_mean", CLIP_MEAN))
+    std = tuple(float(x) for x in v.get("image_std", CLIP_STD))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"model.vision.image_mean={mean} / image_std={std}: 3 values each, std > 0")
     if v.get("type", "vit") == "resnet":
         vision = ResNetConfig(
             layers=tuple(v.resnet_layers),
@@ -233,4 +266,6 @@ def build_model(model_cfg: Any, *, unroll: bool = False, logit_scale_init: float
         embed_dim=model_cfg.embed_dim,
         logit_scale_init=model_cfg.logit_scale_init if logit_scale_init is None else logit_scale_init,
         logit_scale_max=model_cfg.logit_scale_max,
+        image_mean=mean,
+        image_std=std,
     )

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -142,8 +143,14 @@ def open_clip_model_cfg(
     return cfg
 
 
-def preprocess_cfg(preprocess: EvalPreprocess) -> dict[str, Any]:
-    """open_clip's `preprocess_cfg` for our evaluation transform (shorter side, centre crop)."""
+def preprocess_cfg(
+    preprocess: EvalPreprocess,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> dict[str, Any]:
+    """open_clip's `preprocess_cfg` for our evaluation transform (shorter side, centre crop) and the
+    model's image statistics (config.model.vision.image_mean / image_std: our model applies them in
+    its jitted computation, open_clip's transform on the host)."""
     if preprocess.method not in ("bicubic", "bilinear") or preprocess.size != preprocess.crop:
         raise OpenClipError(
             f"preprocessing {preprocess}: open_clip resizes the shorter side to the crop "
@@ -152,8 +159,8 @@ def preprocess_cfg(preprocess: EvalPreprocess) -> dict[str, Any]:
     return dict(
         size=preprocess.crop,
         mode="RGB",
-        mean=list(preprocess.mean),
-        std=list(preprocess.std),
+        mean=[float(x) for x in mean],
+        std=[float(x) for x in std],
         interpolation=preprocess.method,
         resize_mode="shortest",
         fill_color=0,
@@ -348,9 +355,15 @@ def preprocess_from_cfg(pre: dict[str, Any], image_size: int, *, source: str) ->
     method = "bicubic" if method == "random" else method  # open_clip's eval transform does the same
     if method not in ("bicubic", "bilinear"):
         raise OpenClipError(f"{source}: preprocess_cfg.interpolation={method!r}: bicubic or bilinear only")
+    return EvalPreprocess(image_size, image_size, method)
+
+
+def image_stats_from_cfg(pre: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of open_clip's `preprocess_cfg` (its defaults: OpenAI's, CLIP's): the model's
+    config.model.vision.image_mean / image_std, applied inside our model's jitted computation."""
     mean = tuple(float(x) for x in pre.get("mean", CLIP_MEAN))
     std = tuple(float(x) for x in pre.get("std", CLIP_STD))
-    return EvalPreprocess(image_size, image_size, method, mean, std)
+    return mean, std
 
 
 def read_config_file(path: str) -> dict[str, Any]:

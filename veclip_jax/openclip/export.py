@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from veclip_jax.data.image_ops import EvalPreprocess
+from veclip_jax.data.image_ops import CLIP_MEAN, CLIP_STD, EvalPreprocess
 from veclip_jax.hf.to_hf import (
     check_output,
     hf_tokenizer,
@@ -121,7 +121,11 @@ def save_open_clip_directory(
         log.warning("export: %s", NOTES[objective])
     config = {
         "model_cfg": cfg,
-        "preprocess_cfg": preprocess_cfg(EvalPreprocess(size, size)),
+        "preprocess_cfg": preprocess_cfg(
+            EvalPreprocess(size, size),
+            model_cfg.vision.get("image_mean", CLIP_MEAN),
+            model_cfg.vision.get("image_std", CLIP_STD),
+        ),
         "veclip": veclip,
     }
     tensors = params_to_open_clip(params, model_state, model_cfg)

@@ -29,6 +29,7 @@ from veclip_jax.openclip.config import (
     CONFIG_FILE,
     WEIGHT_FILES,
     OpenClipError,
+    image_stats_from_cfg,
     model_config_from_open_clip,
     packaged_model_cfg,
     preprocess_from_cfg,
@@ -129,6 +130,8 @@ def import_open_clip(
 
     oc_cfg, pre, weights, directory = resolve(path, model_name)
     model_cfg = model_config_from_open_clip(oc_cfg, source=model_name or os.path.join(path, CONFIG_FILE))
+    # Its transform's mean/std: the model's, applied inside its jitted computation (models/clip.py).
+    model_cfg.vision.image_mean, model_cfg.vision.image_std = image_stats_from_cfg(pre)
     hf_name = bool(oc_cfg.get("text_cfg", {}).get("hf_tokenizer_name"))
     tok = _tokenizer(tokenizer, directory, model_cfg, hf_name)
     if not hf_name and hasattr(tok, "pad_id"):

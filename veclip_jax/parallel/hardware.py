@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import ml_collections
@@ -31,21 +31,29 @@ from veclip_jax.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One accelerator generation: what each chip holds and computes."""
+    """One accelerator generation: what each chip holds, computes and moves (per chip, spec sheets)."""
 
     name: str  # as JAX's device_kind says it
     hbm_gib: float  # per chip
     peak_bf16_tflops: float  # dense, per chip
     cores_in_name: int  # Cloud's accelerator type counts this many units per chip (v4, v5p: 2 cores)
     dims: int  # physical torus dimensions (3 for v4/v5p, 2 for v5e/v6e)
+    hbm_gbps: float  # HBM bandwidth, GB/s (1e9 bytes)
+    ici_gbps: float  # interconnect bandwidth into one chip, one direction, GB/s (all links together)
 
 
+# Spec sheets (Cloud TPU "System architecture" pages for v4, v5p, v5e, v6e; NVIDIA's H100 SXM sheet):
+# peak dense bf16, HBM bandwidth, and the bidirectional ICI / NVLink bandwidth per chip, halved here
+# for one direction (a chip receives at most this much): v5p 1,200 GB/s bidirectional (older page:
+# 4,800 Gbps = 600 GB/s), v5e 400, v6e 800, H100 NVLink 900. v4's page gives no per-chip ICI figure:
+# 600 GB/s bidirectional is an *estimate* (6 links at half v5p's per-link rate), not a spec-sheet
+# number. The H100 figure is NVLink inside a node of 8; across nodes InfiniBand is far slower.
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("TPU v4", 32.0, 275.0, 2, 3),
-    "v5p": Chip("TPU v5", 95.0, 459.0, 2, 3),
-    "v5litepod": Chip("TPU v5 lite", 16.0, 197.0, 1, 2),
-    "v6e": Chip("TPU v6 lite", 32.0, 918.0, 1, 2),
-    "h100": Chip("NVIDIA H100 80GB HBM3", 80.0, 989.0, 1, 0),
+    "v4": Chip("TPU v4", 32.0, 275.0, 2, 3, hbm_gbps=1200.0, ici_gbps=300.0),
+    "v5p": Chip("TPU v5", 95.0, 459.0, 2, 3, hbm_gbps=2765.0, ici_gbps=600.0),
+    "v5litepod": Chip("TPU v5 lite", 16.0, 197.0, 1, 2, hbm_gbps=819.0, ici_gbps=200.0),
+    "v6e": Chip("TPU v6 lite", 32.0, 918.0, 1, 2, hbm_gbps=1640.0, ici_gbps=400.0),
+    "h100": Chip("NVIDIA H100 80GB HBM3", 80.0, 989.0, 1, 0, hbm_gbps=3350.0, ici_gbps=450.0),
 }
 # JAX's compile-only topology names (libtpu): generation:shape.
 _TOPOLOGY_GENERATION = {"v4": "v4", "v5p": "v5p", "v5litepod": "v5e", "v6e": "v6e"}
@@ -120,13 +128,19 @@ def matching_rule(rules: Sequence[Any], hardware: str) -> tuple[str, dict[str, A
     return None
 
 
-def apply_mesh_rules(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, str | None]:
+def apply_mesh_rules(
+    config: ml_collections.ConfigDict, keep: Collection[str] = ()
+) -> tuple[ml_collections.ConfigDict, str | None]:
     """A copy of `config` with the fields the matching rule of `config.mesh_rules` sets, and its regex.
 
     The given config is not changed (a config is checked as it will run:
     veclip_jax/config.py `check_config` applies the rule, then validates).
-    Overrides are dotted field paths ("mesh.fsdp", "model.remat"). The
-    hardware's slice count becomes `config.mesh.slices`. Without
+    Overrides are dotted field paths ("mesh.fsdp", "model.remat"). `keep`
+    names fields the user set explicitly (the `--config.X` flags of
+    train.py / compile.py: `user_fields`): a rule never overwrites one, nor a
+    field inside one, so `--config.model.remat=dots` compiles and trains with
+    dots whatever the hardware's rule says (`kept_over_rule` lists those for a
+    note). The hardware's slice count becomes `config.mesh.slices`. Without
     `config.hardware` the copy is unchanged and the regex None; likewise the
     regex when no rule matches. An unknown field in a rule is a UserError naming it.
     """
@@ -148,8 +162,44 @@ def apply_mesh_rules(config: ml_collections.ConfigDict) -> tuple[ml_collections.
             node = node[part]
         if leaf not in node:
             raise UserError(f"config.mesh_rules[{pattern!r}]: config.{dotted} is not a field")
-        node[leaf] = value
+        if not _is_kept(dotted, keep):
+            node[leaf] = value
     return config, pattern
+
+
+def _is_kept(dotted: str, keep: Collection[str]) -> bool:
+    """Whether the field `dotted` is one of `keep`, or inside one (keep "model" covers "model.remat")."""
+    return any(dotted == k or dotted.startswith(k + ".") for k in keep)
+
+
+def user_fields(overrides: Collection[str] | dict[str, Any]) -> tuple[str, ...]:
+    """The dotted config fields set on the command line, from ml_collections'
+    `config_flags.get_override_values(FLAGS["config"])` (a flat {"model.remat": "dots"} dict) or
+    from the arguments themselves ("--config.model.remat=dots"); other arguments are ignored."""
+    fields = []
+    for item in overrides:
+        name = item[len("--config.") :].split("=", 1)[0] if item.startswith("--config.") else item
+        if name and not name.startswith("-"):
+            fields.append(name)
+    return tuple(dict.fromkeys(fields))
+
+
+def kept_over_rule(config: ml_collections.ConfigDict, keep: Collection[str]) -> list[str]:
+    """'config.FIELD=given (the rule for HARDWARE says RULE)' for each field of `keep` that the
+    matching rule would have set to another value: what the CLIs print so the choice is visible."""
+    found = matching_rule(config.mesh_rules, config.hardware) if config.hardware else None
+    notes = []
+    for dotted, value in (found[1] if found else {}).items():
+        if not _is_kept(dotted, keep):
+            continue
+        node: Any = config
+        for part in dotted.split("."):
+            node = node[part] if part in node else None
+            if node is None:
+                break
+        if node != value:
+            notes.append(f"config.{dotted}={node} (given; the {config.hardware} rule says {value})")
+    return notes
 
 
 def check_devices(hardware: str, devices: Sequence[Any]) -> None:

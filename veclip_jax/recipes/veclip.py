@@ -35,7 +35,10 @@ from veclip_jax.eval import registry
 # divide by 128); beyond, data parallel across FSDP groups that are whole planes of the torus
 # (8x8 on v4/v5p, a 16-chip row on v5e/v6e: a mesh axis must be a product of physical axes, which
 # make_mesh enforces). On GPUs: FSDP inside a node of 8, data parallel across nodes. Remat keeps
-# matmul outputs ("dots") where HBM allows, else "full". launch/compile.py checks each target.
+# matmul outputs ("dots") where HBM allows, else "full". launch/compile.py checks each target, and
+# `compile.py --search` compiles remat x accumulation to pick the cheapest under 85 % of HBM: for H/14
+# on tpu-v5p-1024 it keeps "full" (tests/golden_compile.json, its "search" record): dots peaks at 92 %
+# of HBM, and dots with 2 accumulation steps fits but is slower (accumulation re-runs the forward pass).
 _SMALL_SLICE = r"(8|16|32|64|128|256)"  # Cloud's counts up to 128 chips (v4/v5p count 2 per chip)
 
 

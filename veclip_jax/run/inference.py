@@ -4,7 +4,11 @@ The run layer's model side: `veclip_jax.load` (one device), evaluation
 during training (parameters as the train state holds them, sharded) and
 standalone evaluation (veclip_jax/eval/) all encode through `Encoders`.
 Inputs are cut into batches of a fixed size (the last one padded), so each
-encoder compiles once. Every process passes the same full inputs and gets the
+encoder compiles once (per image dtype). Images are pixels, not normalised:
+uint8 (the evaluation transforms' output, a quarter of float32's bytes to the
+devices) or float in [0, 255] (VeCLIP's unrounded TF-style bilinear resize);
+the model normalises them with its image mean/std inside the jitted encoder
+(models/clip.py `normalize_pixels`). Every process passes the same full inputs and gets the
 full outputs (multi-host safe: each device takes its rows of the global batch
 from the host copy).
 
@@ -40,7 +44,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from veclip_jax.data.image_ops import normalize
 from veclip_jax.objectives.model import ObjectiveModel, as_variables
 from veclip_jax.parallel.axes import BATCH_AXES
 from veclip_jax.parallel.mesh import batch_sharding, replicated
@@ -120,6 +123,13 @@ def pad_rows(x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)])
 
 
+def pixels(images: np.ndarray) -> np.ndarray:
+    """Images as the encoders take them: uint8 as they are, any other dtype as float32 (0-255 pixel
+    values; the model normalises either in its jitted computation)."""
+    images = np.asarray(images)
+    return images if images.dtype == np.uint8 else images.astype(np.float32)
+
+
 def put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A host array (the same on every process) as a global array: each device takes its slice."""
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
@@ -137,6 +147,9 @@ class Keys:
 
 class Encoders:
     """`images(params, uint8 [n,S,S,3])` and `texts(params, int32 [n,L])` -> float32 [n, embed_dim].
+
+    Images are RGB pixels, uint8 or float in [0, 255], never normalised by the caller: the model
+    applies its image mean/std inside the jitted encoders.
 
     `params` here are the model's variables, `objectives.model.variables(params, model_state)`:
     {"params": ...} and, for a ResNet, its BatchNorm running averages (`param_shardings` alike);
@@ -223,11 +236,9 @@ class Encoders:
         return np.concatenate(outs)
 
     def images(self, params: Any, images: np.ndarray) -> np.ndarray:
-        """uint8 [n, S, S, 3] RGB (S = the model's image size) -> [n, embed_dim]."""
-        images = np.asarray(images)
-        if images.dtype == np.uint8:
-            images = normalize(images)
-        return self._run(self._image, params, images.astype(np.float32))
+        """uint8 [n, S, S, 3] RGB (S = the model's image size; or float pixels in [0, 255]) ->
+        [n, embed_dim]. Not normalised: the model does it, on the devices."""
+        return self._run(self._image, params, pixels(images))
 
     def texts(
         self, params: Any, tokens: np.ndarray, progress: Callable[[int], None] | None = None
@@ -252,7 +263,7 @@ class Encoders:
         with jax.set_mesh(mesh), nn.logical_axis_rules(self.rules):
             glob = [
                 jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, (n, *x.shape[1:]))
-                for x in (np.asarray(images, np.float32), np.asarray(tags, np.int32))
+                for x in (pixels(images), np.asarray(tags, np.int32))
             ]
             out, out_tags = fn(params, *glob, *extra)
         return np.asarray(out), np.asarray(out_tags)
@@ -260,7 +271,8 @@ class Encoders:
     def image_batch(self, params: Any, images: np.ndarray, tags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """This process's rows -> (embeddings [batch_size, D], tags [batch_size, k]) of the global batch.
 
-        images: float32 [local_batch_size, S, S, 3], preprocessed; tags: int32
+        images: uint8 (or float 0-255) [local_batch_size, S, S, 3], resized and cropped, not
+        normalised (the same dtype on every process); tags: int32
         [local_batch_size, k] (padding rows are the caller's to mark). Every
         process calls it the same number of times (a collective).
         """

@@ -127,7 +127,9 @@ def synthetic_batch(assembly: Assembly, batch_size: int | None = None, seed: int
     out = {}
     for k, x in assembly.abstract_batch(batch_size).items():
         shape, dtype = x.shape, x.dtype
-        if k == "mlm_labels":
+        if dtype == np.uint8:  # image pixels (batch.py)
+            v = rng.integers(0, 256, size=shape)
+        elif k == "mlm_labels":
             v = np.where(rng.random(shape) < 0.15, rng.integers(3, vocab, shape), -1)
         elif np.issubdtype(dtype, np.integer):
             v = rng.integers(3, vocab, size=shape)
