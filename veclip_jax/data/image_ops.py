@@ -18,21 +18,25 @@ at 7/8, where both together cost more than a full decode and resize (3.6
 against 3.0 ms at 500x375, 12.3 against 10.2 at 1024x768, the same box; on
 256-300 px photos the two are within 15 %, either way): such crops decode at
 full size (`_jpeg_decode_size`), the exact pixels. PIL's `draft` does the same
-with powers of two.
+with powers of two. With torch's resize (below) 5/8 and 6/8 lose too, and
+decode at full size: only 1/8-4/8 (SIMD IDCTs) pay.
 
 The resize (`resize="torch"`, data.resize_backend, the default) is torch's
 uint8 antialiased bicubic (`interpolate(antialias=True)`: PIL's filter, ported,
 with AVX2 code): 0.3-0.4 ms against PIL's 1.0-1.5 for the same 224-px crop. It
 takes no sub-pixel box, so the box is rounded to whole pixels of the decoded
-(scaled) image, each edge moving at most half a pixel there: at most 0.5/size
-of the crop's extent (0.22 % at 224 px), its area and aspect within 1/size x 2
-(0.9 %). Against PIL on the same whole-pixel box it is the same filter to the
-rounding (max difference 1-2, >= 66 dB); against PIL's sub-pixel box the
-half-pixel shift gives 38-47 dB on bench.input's noisy photos. "pil" keeps
-PIL's sub-pixel box. torch is imported at the first crop (about 190 MiB more
-resident per process) and pinned to one thread, the pipeline's threads and
-worker processes being the parallelism. Over 520 lines: the decode and its
-two resize paths belong together.
+(scaled) image, each edge moving at most half a pixel there: the crop's
+extent by at most 1/n of n decoded pixels (n >= size but for an upscaled
+crop; 0.45 % at 224 px), its area and aspect by about 2/n (0.9 %), no bias
+(rounded half up). Against PIL on the same whole-pixel box it is the same filter to the
+rounding (max difference 1-2, >= 66 dB); against the exact crop (full-size
+decode, PIL, sub-pixel box) the half-pixel shift gives 39.7 / 46.4 dB (worst /
+median, bench.input's noisy photos, 500x375) and 40.2 / 45.5 (1024x768), the
+PIL path 36.2 / 38.3 and 50.9 / 51.2. "pil" keeps PIL's sub-pixel box. torch
+is imported at the first crop (a grain worker: 180 MiB more RSS, 130 MiB more
+PSS, no more threads) and pinned to one thread, the pipeline's threads and worker processes being the
+parallelism. Over 520 lines: the decode and its two resize paths belong
+together.
 """
 
 from __future__ import annotations
@@ -249,15 +253,20 @@ def _resize_box(img: Image.Image | np.ndarray, box: Box, size: int, full: tuple[
 # libjpeg scales that cost more (decode + resize) than decoding at the next larger scale: 7/8's IDCT
 # is C code while 8/8's is SIMD (measured in the module docstring).
 _SLOW_SCALES = frozenset({7})
+# ... and with torch's resize, 3-4x cheaper than PIL's, 5/8 and 6/8 too: decode + resize 6.5 / 7.3 ms
+# against 5.8 from full size at 1024x768, 1.7 / 1.9 against 1.8 at 500x375 (CPU, under load).
+_SLOW_SCALES_TORCH = frozenset({5, 6, 7})
 
 
-def _jpeg_decode_size(min_h: int, min_w: int, height: int, width: int) -> tuple[int, int] | None:
+def _jpeg_decode_size(
+    min_h: int, min_w: int, height: int, width: int, slow: frozenset[int] = _SLOW_SCALES
+) -> tuple[int, int] | None:
     """(height, width) to ask simplejpeg for: the least M/8 scale (M < 8, not slow) still covering
     (min_h, min_w), as libjpeg rounds (ceil(dim * M / 8)); None: decode at full size."""
     for m in range(1, 8):
         h, w = -(-height * m // 8), -(-width * m // 8)
         if h >= min_h and w >= min_w:
-            return None if m in _SLOW_SCALES else (h, w)
+            return None if m in slow else (h, w)
     return None
 
 
@@ -337,9 +346,11 @@ def decode_random_crops(
         needs = [_min_decode_size(box, size, height, width) for box in boxes]
         min_h, min_w = max(n[0] for n in needs), max(n[1] for n in needs)
         img = None
+        use_torch = resize == "torch" and _torch_or_none() is not None
         if pil_img is None:
             try:
-                if scaled := _jpeg_decode_size(min_h, min_w, height, width):
+                slow = _SLOW_SCALES_TORCH if use_torch else _SLOW_SCALES
+                if scaled := _jpeg_decode_size(min_h, min_w, height, width, slow):
                     arr = simplejpeg.decode_jpeg(
                         data, colorspace="RGB", min_height=scaled[0], min_width=scaled[1]
                     )
@@ -352,7 +363,7 @@ def decode_random_crops(
             if pil_img.format == "JPEG":
                 pil_img.draft("RGB", (min_w, min_h))
             img = to_rgb(pil_img)  # also loads; every mode ends up 8-bit RGB (16-bit scaled, not clipped)
-        if resize == "torch" and _torch_or_none() is not None:
+        if use_torch:
             if isinstance(img, Image.Image):
                 img = np.array(img)  # writable (PIL's own array view is not, and torch warns)
         elif not isinstance(img, Image.Image):
