@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 import numpy as np
 
 from configs import tiny
@@ -78,3 +81,20 @@ def logged_metrics(workdir: str) -> list[dict]:
     lines = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert [m["step"] for m in lines] == list(range(1, len(lines) + 1))
     return lines
+
+
+@contextlib.contextmanager
+def deadline(seconds: int, what: str = "this test"):
+    """Fails with TimeoutError when the block runs past `seconds` (SIGALRM): a Ray task that hangs
+    (ray.get waits forever) fails its test instead of blocking CI."""
+
+    def fire(*_):
+        raise TimeoutError(f"{what} ran past {seconds} s: a Ray task, the pipeline or the cluster hangs")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

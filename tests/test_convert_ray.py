@@ -10,12 +10,10 @@ refuses to write. Every Ray test runs under a hard deadline (SIGALRM) so a hang 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -24,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import deadline
 from veclip_jax.cli import make_dataset
 from veclip_jax.data import convert, convert_run, records
 
@@ -31,26 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TARS, NUM_SHARDS = 4, 3
 
 
-@contextlib.contextmanager
-def _deadline(seconds: int, what: str):
-    """Fails (instead of blocking CI) when the block runs past `seconds`: ray.get waits forever."""
-
-    def fire(*_):
-        raise TimeoutError(f"{what} ran past {seconds} s: a Ray task or the cluster hangs")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    with _deadline(120, "ray.init"):
+    with deadline(120, "ray.init"):
         # log_to_driver off: worker start-up chatter must not reach the CLI's captured stderr.
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
@@ -59,7 +42,7 @@ def ray_cluster():
 
 @pytest.fixture(autouse=True)
 def _guard():
-    with _deadline(150, "this test"):
+    with deadline(150, "this test"):
         yield
 
 

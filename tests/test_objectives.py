@@ -200,6 +200,7 @@ def test_a_skipped_non_finite_step_leaves_the_queue_unchanged():
     before = host_copy(state)
 
     def nan_pixel(batch):  # one pixel of one view: the loss is NaN, the text embeddings are finite
+        batch["views"] = batch["views"].astype(np.float32)  # pixels are uint8, which holds no NaN
         batch["views"][3, 1, 0, 0, 0] = np.nan
 
     state, metrics = s.run.step(state, s.batch(nan_pixel))

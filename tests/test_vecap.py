@@ -1,12 +1,11 @@
 """The VeCap caption pipeline (launch/make_vecap.py): rules, models, Ray Data run, resume, lock, join.
 
 Tiny random-weight models (tests/vecap_models.py) caption the demo images under a local Ray with
-2 CPUs. Every Ray test runs under a hard timeout (`_deadline`): a hang fails instead of blocking.
+2 CPUs. Every Ray test runs under a hard timeout (`helpers.deadline`): a hang fails instead of blocking.
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import io
 import json
@@ -21,6 +20,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from tests.helpers import deadline
 from veclip_jax.data import convert, demo, records
 from veclip_jax.data.convert_run import OutputLock
 from veclip_jax.vecap import checks, prompts
@@ -31,22 +31,6 @@ from veclip_jax.vecap.shards import Inputs, plan_shards, read_batches
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW_TOKENS = 8
 BATCH = 2
-
-
-@contextlib.contextmanager
-def _deadline(seconds: int):
-    """Fails the test (TimeoutError) when its body runs longer than `seconds`."""
-
-    def expire(*_):
-        raise TimeoutError(f"over {seconds} s: the Ray pipeline hangs")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # --- inputs: demo images in img2dataset tars ---------------------------------------------------
@@ -117,7 +101,7 @@ def ray_local():
 def clean_run(ray_local, models, tars, tmp_path_factory):
     """(OUT, summary) of one whole run on the demo tars."""
     out = str(tmp_path_factory.mktemp("clean") / "vecap")
-    with _deadline(240):
+    with deadline(240):
         summary = make_vecap(Inputs(webdataset=tars), out, _options(models), Resources(batch_size=BATCH))
     return out, summary
 
@@ -299,7 +283,7 @@ def test_a_rerun_keeps_finished_shards_and_remakes_a_lost_one_identically(clean_
     (tmp_path / "vecap-00001-of-00003.json.tmp4242").write_text("{")
     (tmp_path / "vecap-00001-of-00003.provenance.parquet.tmp4242").write_text("x")
     before = {p: os.stat(p) for p in glob.glob(out + "-0000[02]-*")}
-    with _deadline(180):
+    with deadline(180):
         summary = make_vecap(Inputs(webdataset=tars), out, _options(models), Resources(batch_size=BATCH))
     assert (summary.written, summary.reused) == (1, 2)
     for p, st in before.items():  # finished shards are not rewritten
@@ -423,7 +407,7 @@ def test_a_model_of_the_wrong_kind_is_named_before_anything_runs(models, tars, t
 def test_a_run_killed_with_sigkill_resumes_to_the_clean_runs_files(ray_local, models, tmp_path):
     many = _write_tars(str(tmp_path / "tars"), num_tars=6, per_tar=3)  # six shards: some still in flight
     out, clean = str(tmp_path / "killed" / "vecap"), str(tmp_path / "clean" / "vecap")
-    with _deadline(240):
+    with deadline(240):
         make_vecap(Inputs(webdataset=many), clean, _options(models), Resources(batch_size=1))
     cmd = [sys.executable, os.path.join(ROOT, "launch", "make_vecap.py"), f"--webdataset={many}",
            f"--captioner={models['captioner']}", f"--fuser={models['lm']}", f"--out={out}",
