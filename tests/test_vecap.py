@@ -453,3 +453,22 @@ def test_the_joined_records_train_with_the_veclip_mix(clean_run, tars, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [1, 2]
+
+
+def test_images_reads_the_input_kind_from_the_spec(tmp_path, capsys):
+    from veclip_jax.cli import make_vecap
+
+    for name in ("a.tar", "b.tar", "t.parquet", "pairs.csv", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "folder" / "cat").mkdir(parents=True)
+    model_flags = ["--captioner=/m/c", "--fuser=/m/f", f"--out={tmp_path}/o"]
+    want = {f"{tmp_path}/*.tar": "webdataset", f"{tmp_path}/t.parquet": "parquet",
+            f"{tmp_path}/pairs.csv": "table", f"{tmp_path}/folder": "image_folder"}  # fmt: skip
+    for spec, kind in want.items():
+        args = make_vecap.parse_args([f"--images={spec}", *model_flags])
+        assert getattr(args, kind) == spec and make_vecap.input_kind(spec) == kind
+    # mixed kinds, or an extension no reader takes: one line naming the explicit flags, exit 2
+    for spec in (f"{tmp_path}/a.tar,{tmp_path}/t.parquet", f"{tmp_path}/notes.txt"):
+        assert make_vecap.main([f"--images={spec}", *model_flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--webdataset, --parquet, --table or --image_folder" in err[0]

@@ -11,7 +11,8 @@ per input shard, that launch/make_dataset.py joins with --vecap_json:
         --vecap_json='/data/cc3m_vecap/vecap-*.json' --out=/data/cc3m_vecap/train --num_shards=166
 
 Inputs as for launch/make_dataset.py (--webdataset, --parquet, --table, --image_folder and their
-column options). Models are local HuggingFace directories (nothing is downloaded). The check is
+column options), or --images=SPEC, which reads the kind from the spec (.tar, .parquet, a table, a
+directory). Models are local HuggingFace directories (nothing is downloaded). The check is
 made by the fuser model unless --checker names another, and skipped with --no_check (the rule
 checks always run). Runs on this machine (Ray started here), or on a Ray cluster with
 --ray_address. --dry_run prints the plan and the cost estimate without captioning;
@@ -40,6 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="python launch/make_vecap.py", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--images",
+        help="any of the inputs below, its kind read from the spec: .tar files, .parquet files, a "
+        ".csv/.tsv/.tab table, or a directory (an ImageFolder tree)",
+    )
     src.add_argument("--webdataset", help="input tars: comma-separated paths, {000..123} ranges, globs")
     src.add_argument("--table", help="a CSV (or .tsv/.tab: tab-separated) table with a header line")
     src.add_argument("--parquet", help="Parquet tables: comma-separated paths, ranges, globs")
@@ -94,7 +100,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = TableColumns()
     for field in ("image", "alt_text", "key", "url"):
         t.add_argument(f"--{field}_column", default=getattr(defaults, field), help=f"column of the {field}")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.images is not None:
+        setattr(args, input_kind(args.images), args.images)
+    return args
+
+
+_KINDS = {".tar": "webdataset", ".parquet": "parquet", ".csv": "table", ".tsv": "table", ".tab": "table"}
+
+
+def input_kind(spec: str) -> str:
+    """Which input flag `--images=spec` stands for: a directory is an ImageFolder tree, files go by
+    their extension (one kind for all). Raises UserError naming the explicit flags otherwise."""
+    from veclip_jax.data.paths import expand_paths
+
+    if os.path.isdir(os.path.expanduser(spec)):
+        return "image_folder"
+    kinds = {_KINDS.get(os.path.splitext(path)[1].lower()) for path in expand_paths(spec, what="--images")}
+    if len(kinds) != 1 or None in kinds:
+        raise UserError(
+            f"--images={spec}: not one kind of input (.tar, .parquet, .csv/.tsv/.tab, or a directory); "
+            "name it with --webdataset, --parquet, --table or --image_folder"
+        )
+    return kinds.pop()
 
 
 def _prompt(value: str) -> str:
@@ -106,10 +134,9 @@ def _prompt(value: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the pipeline (or the dry run); returns the exit status."""
-    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
-        return _main(args)
+        return _main(parse_args(argv))
     except UserError as e:
         return _fail(str(e), 2)
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
