@@ -320,8 +320,36 @@ def loop_factors(text: str, cost: Callable[[str], dict[str, float]] = generic_co
     return {"factors": factors, "trips": {b: trips[b] for b in bodies}, "unknown_trips": unknown}
 
 
+class Bounds:
+    """The three lower bounds' verdict, for a class with compute_s, memory_s, collective_s (seconds)
+    and ideal_s (the model's FLOPs at the peak: the step time at 100 % MFU)."""
+
+    compute_s: float
+    memory_s: float
+    collective_s: float
+
+    @property
+    def ideal_s(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def bound_s(self) -> float:
+        """The step's lower bound: the largest of the three."""
+        return max(self.compute_s, self.memory_s, self.collective_s)
+
+    @property
+    def bound(self) -> str:
+        times = {"compute": self.compute_s, "memory": self.memory_s, "collective": self.collective_s}
+        return max(times, key=times.get)
+
+    @property
+    def mfu_ceiling(self) -> float:
+        """Model FLOPs / (bound x peak): the MFU no schedule of this program can beat."""
+        return self.ideal_s / self.bound_s if self.bound_s else 0.0
+
+
 @dataclasses.dataclass(frozen=True)
-class Roofline:
+class Roofline(Bounds):
     """Lower bounds on one step's time on one device, from the compiled program."""
 
     flops: float  # per device, loops' trips applied
@@ -334,17 +362,8 @@ class Roofline:
     peak_flops: float  # per device
 
     @property
-    def bound_s(self) -> float:
-        return max(self.compute_s, self.memory_s, self.collective_s)
-
-    @property
-    def bound(self) -> str:
-        times = {"compute": self.compute_s, "memory": self.memory_s, "collective": self.collective_s}
-        return max(times, key=times.get)
-
-    @property
-    def mfu_ceiling(self) -> float:
-        return self.model_flops / (self.bound_s * self.peak_flops) if self.bound_s else 0.0
+    def ideal_s(self) -> float:
+        return self.model_flops / self.peak_flops
 
 
 def roofline(

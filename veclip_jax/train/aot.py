@@ -33,7 +33,7 @@ from veclip_jax.errors import UserError
 from veclip_jax.objectives.model import param_count
 from veclip_jax.parallel.hardware import Accelerator, devices_per_chip, parse_hardware
 from veclip_jax.parallel.mesh import make_mesh
-from veclip_jax.parallel.roofline import step_roofline
+from veclip_jax.parallel.roofline import Bounds, step_roofline
 from veclip_jax.train.assembly import assemble
 
 LIBTPU_PIN = "libtpu==0.0.42.*"  # what jax[tpu]==0.10.2 pins
@@ -152,7 +152,7 @@ def train_flops_per_step(config: ml_collections.ConfigDict) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class CompiledStep:
+class CompiledStep(Bounds):
     """What one device of the pod holds and does for one train step (bytes, FLOPs, seconds)."""
 
     topology: str
@@ -193,19 +193,8 @@ class CompiledStep:
         return self.flops_per_step / self.peak_flops
 
     @property
-    def bound_s(self) -> float:
-        """The step's lower bound: the largest of the three."""
-        return max(self.compute_s, self.memory_s, self.collective_s)
-
-    @property
-    def bound(self) -> str:
-        times = {"compute": self.compute_s, "memory": self.memory_s, "collective": self.collective_s}
-        return max(times, key=times.get)
-
-    @property
-    def mfu_ceiling(self) -> float:
-        """Model FLOPs / (bound x peak): the MFU no schedule of this program can beat."""
-        return self.step_seconds_at_peak / self.bound_s if self.bound_s else 0.0
+    def ideal_s(self) -> float:
+        return self.step_seconds_at_peak
 
     def summary(self) -> dict[str, Any]:
         """The golden table's row (tests/golden_compile.json): bytes, FLOPs, the roofline."""
