@@ -178,3 +178,45 @@ def test_training_runs_each_entry_at_its_own_every(demo_cache, data_dir, tmp_pat
         k: v for k, v in lines[-1].items() if k != "step"
     }
     assert lines[0]["colours/acc1"] * 7 == round(lines[0]["colours/acc1"] * 7)  # 7 images evaluated
+
+
+def test_fast_decode_embeds_near_the_exact_pixels_and_only_for_bicubic(
+    tiny_run, data_dir, tmp_path, monkeypatch
+):
+    import dataclasses
+
+    from veclip_jax.data import image_ops
+    from veclip_jax.eval.run import evaluate
+    from veclip_jax.run.load import load_model
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(tiny_run[0], workdir)  # evaluate() appends to the run's eval.jsonl
+    loaded = load_model(workdir)
+    assert not loaded.preprocess.fast  # the default is HF's exact pixels
+    fast = dataclasses.replace(loaded.preprocess, fast=True)
+    # The embedding pass hands a fast preprocessing what the dataset stores (a file path here), and
+    # it decodes it itself; the exact one gets load_image's decoded image, as before.
+    handed = []
+    real_load = image_ops.EvalPreprocess.load
+    monkeypatch.setattr(
+        image_ops.EvalPreprocess, "load", lambda self, im: handed.append(im) or real_load(self, im)
+    )
+    entries = {"flickr30k": registry.standard_task("flickr30k")}
+    args = (loaded.model, jax.device_get(loaded.params), loaded.tokenizer, loaded.preprocess, entries)
+    _, ev = run_tasks(*args, data_dir=data_dir, batch_size=8)
+    task = ev.tasks[0]
+    params = jax.device_put(loaded.params)
+    exact_emb, _, _ = embed_images(task.ctx.encoders, params, task.data.source, loaded.preprocess)
+    assert not handed
+    fast_emb, _, _ = embed_images(task.ctx.encoders, params, task.data.source, fast)
+    assert len(handed) == len(task.data.source) and all(isinstance(p, str) for p in handed)
+    norms = np.linalg.norm(exact_emb, axis=-1) * np.linalg.norm(fast_emb, axis=-1)
+    cos = np.sum(exact_emb * fast_emb, -1) / norms
+    assert cos.min() > 0.999 and not np.array_equal(exact_emb, fast_emb)  # near, and really the fast path
+
+    out = evaluate(workdir, ["flickr30k"], data_dir=data_dir, output_dir=str(tmp_path / "o"), batch_size=8,
+                   progress=False, loaded=loaded, fast_decode=True)  # fmt: skip
+    assert set(out.results["flickr30k"]) >= {"image_retrieval_recall@1"}
+    tf = dataclasses.replace(loaded, preprocess=image_ops.EvalPreprocess(32, 32, "tf_bilinear"))
+    with pytest.raises(ValueError, match="fast_decode.*tf_bilinear"):
+        evaluate(workdir, ["flickr30k"], data_dir=data_dir, loaded=tf, fast_decode=True, progress=False)

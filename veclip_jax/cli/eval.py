@@ -36,6 +36,10 @@ _MODEL_NAME = flags.DEFINE_string(
     "model_name", None, "open_clip's model config (RN50, ViT-B-32, ...) for a bare open_clip state dict."
 )
 _MAX = flags.DEFINE_integer("max_examples", 0, "Only the first N examples of each dataset (0 = all).")
+_FAST_DECODE = flags.DEFINE_bool(
+    "fast_decode", False,
+    "Decode JPEGs at reduced DCT scale and resize with torch: 2.4-3.6x the images/s, not HF's exact pixels.",
+)  # fmt: skip
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 
 
@@ -64,7 +68,7 @@ def main(argv: list[str]) -> None:
         out = evaluate(
             _MODEL.value, _TASKS.value, data_dir=_DATA_DIR.value, output_dir=_OUTPUT_DIR.value,
             batch_size=_BATCH.value, tokenizer=_TOKENIZER.value, step=_STEP.value, max_examples=_MAX.value,
-            model_name=_MODEL_NAME.value,
+            model_name=_MODEL_NAME.value, fast_decode=_FAST_DECODE.value,
         )  # fmt: skip
     except (UserError, DatasetError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

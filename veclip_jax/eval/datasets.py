@@ -17,7 +17,6 @@ each process's slice of a source in batches, so no dataset is held in memory.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -62,19 +61,9 @@ class RetrievalData:
 
 
 def load_image(image: Any) -> Image.Image | np.ndarray:
-    """A PIL image or an RGB uint8 array from a decoded array, encoded bytes or a file path."""
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 1):  # greyscale (MNIST, ...)
-            image = np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=-1)
-        return image
-    if isinstance(image, bytes):
-        image = io.BytesIO(image)
-    with Image.open(image) as img:
-        # From the header, before decoding: a small file may decode to gigabytes (a 16-bit bomb).
-        image_ops.check_decode_budget(img.mode, img.width, img.height)
-        rgb = image_ops.to_rgb(img)  # 16-bit images scaled, not clipped as convert("RGB") would
-        rgb.load()  # decoded here, while the file is open (an RGB image is returned as it was opened)
-        return rgb
+    """A PIL image or an RGB uint8 array from a decoded array, encoded bytes or a file path
+    (image_ops.open_image: the decode budget checked from the header, 16-bit images scaled)."""
+    return image_ops.open_image(image)
 
 
 class _Mapped:

@@ -50,7 +50,10 @@ class _Load:
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         example = self.source[int(index)]
         try:
-            image = np.asarray(self.preprocess(load_image(example["image"])))
+            if getattr(self.preprocess, "fast", False):  # decodes what it is given (EvalPreprocess.load)
+                image = np.asarray(self.preprocess.load(example["image"]))
+            else:
+                image = np.asarray(self.preprocess(load_image(example["image"])))
             if image.dtype != self.dtype:
                 if self.dtype == np.uint8:
                     raise TypeError(f"preprocessing gave {image.dtype} pixels, its dtype says uint8")

@@ -164,6 +164,7 @@ def evaluate(
     devices: Sequence[jax.Device] | None = None,
     loaded: LoadedModel | None = None,
     model_name: str | None = None,
+    fast_decode: bool = False,
 ) -> EvalRun:
     """Evaluates the model at `path` on `tasks` (see the module doc and registry.standard_task).
 
@@ -176,8 +177,16 @@ def evaluate(
       max_examples: evaluate the first N examples of each dataset only (0 = all).
       loaded: an already loaded model (e.g. a `veclip_jax.load` result; path then only names it).
       model_name: open_clip's model config (e.g. RN50) for a bare open_clip state dict at `path`.
+      fast_decode: JPEGs decoded at reduced DCT scale and resized by torch (EvalPreprocess.fast):
+        faster, not HF's exact pixels; refused for a model whose preprocessing is not bicubic.
     """
     loaded = loaded or load_model(path, tokenizer=tokenizer, step=step, model_name=model_name)
+    preprocess = loaded.preprocess
+    if fast_decode:
+        if getattr(preprocess, "method", None) != "bicubic":
+            method = getattr(preprocess, "method", type(preprocess).__name__)
+            raise ValueError(f"--fast_decode resizes bicubic; this model's preprocessing is {method!r}")
+        preprocess = dataclasses.replace(preprocess, fast=True)
     run = _run_of(loaded.source)
     workdir = run.workdir if run else None
     run_config = json.loads(as_path(os.path.join(workdir, CONFIG_FILE)).read_text()) if workdir else None
@@ -188,7 +197,7 @@ def evaluate(
     uses_demo = any(e.get("dataset") == "demo" for e in entries.values())
     results, evaluator = run_tasks(
         loaded.model, jax.device_get(variables(loaded.params, loaded.model_state)), loaded.tokenizer,
-        loaded.preprocess, entries,
+        preprocess, entries,
         data_dir=data_dir, batch_size=batch_size, demo_files=_demo_files(run_config) if uses_demo else (),
         progress=progress, devices=devices,
     )  # fmt: skip
