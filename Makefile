@@ -21,8 +21,13 @@ setup: $(BIN)/.installed
 lint: setup
 	$(BIN)/ruff check .
 
+# Two test processes (pytest-xdist), each taking a whole test file at a time (its module fixtures are
+# built once): most tests keep one core busy (XLA's compiles, Python), so on the 2-core machine two
+# processes run the suite in 21 min instead of 31. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+
 test: setup lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The main job: train configs/demo.py on the embedded demo data (generated on
 # first use), then print its evaluation table. Rerunning resumes (or, when

@@ -603,9 +603,11 @@ class EvalPreprocess:
     arithmetic, but a JPEG given encoded (`load`) is decoded at the least DCT
     scale that still covers the resized image (1/8-4/8, as the training crop),
     and the resize is torch's antialiased bicubic (PIL's filter to the
-    rounding): 2.4-3.6x the images/s of the exact path, at 41-46 dB against
-    it (bench.input `eval_fast`; module docstring). Not HF's pixels: the
-    default stays exact, so zero-shot numbers compare with HF and open_clip's.
+    rounding): 2.4x (500x375) to 2.9x (1024x768) less CPU an image than the
+    exact path (bench.input's `eval_fast_ms_per_record`), at 48-50 dB PSNR
+    against it where the decode is scaled, at most 1 level apart where it is
+    not (tests/test_eval_fast.py). Not HF's pixels: the default stays exact,
+    so zero-shot numbers compare with HF's and open_clip's.
 
     The mean/std normalisation is the model's (config.model.vision.image_mean /
     image_std), done inside its jitted computation (models/clip.py): the host
