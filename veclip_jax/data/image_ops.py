@@ -46,7 +46,7 @@ import io
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageMode
@@ -518,10 +518,13 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
     return _resize_center_crop_pil(to_rgb(image), size, size, _RESAMPLE)
 
 
-def _decode_jpeg_for_eval(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]] | None:
+def _decode_jpeg_for_eval(
+    data: bytes, size: int, takes: Callable[[tuple[int, int]], bool]
+) -> tuple[np.ndarray, tuple[int, int]] | None:
     """(RGB array, the image's full (width, height)) of a JPEG decoded at the least fast DCT scale
-    (1/8-4/8) still giving HF's resized size (shorter side `size`), else full size; None: not a JPEG
-    simplejpeg reads (PIL then decodes it, as in exact mode)."""
+    (1/8-4/8) still giving HF's resized size (shorter side `size`), else full size; None, before any
+    decoding: not a JPEG simplejpeg reads, or an image whose (width, height) `takes` refuses (PIL
+    then decodes it, as in exact mode)."""
     if simplejpeg is None:
         return None
     try:
@@ -529,6 +532,8 @@ def _decode_jpeg_for_eval(data: bytes, size: int) -> tuple[np.ndarray, tuple[int
     except ValueError:
         return None
     check_decode_budget("RGB", width, height)
+    if not takes((width, height)):
+        return None
     new_w, new_h = _shorter_side_dims(width, height, size)
     try:
         if scaled := _jpeg_decode_size(new_h, new_w, height, width, _SLOW_SCALES_TORCH):
@@ -641,8 +646,7 @@ class EvalPreprocess:
             with open(image, "rb") as f:
                 image = f.read()
         if self.fast and isinstance(image, bytes):
-            decoded = _decode_jpeg_for_eval(image, self.size)
-            if decoded is not None and self._fast(decoded[1]):
+            if (decoded := _decode_jpeg_for_eval(image, self.size, self._fast)) is not None:
                 arr, full = decoded
                 return np.ascontiguousarray(_resize_center_crop_torch(arr, full, self.size, self.crop))
         return self(open_image(image))
