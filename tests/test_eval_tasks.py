@@ -160,8 +160,9 @@ def test_launch_eval_refuses_missing_data_and_unknown_tasks(tiny_run, tmp_path):
     assert out.returncode == 2 and "unknown task 'imagenet22k'" in out.stderr
 
 
-def test_training_runs_each_entry_at_its_own_every(demo_cache, data_dir, tmp_path):
+def test_training_runs_each_entry_at_its_own_every(demo_cache, data_dir, tmp_path, monkeypatch):
     from tests.helpers import tiny_run_config
+    from veclip_jax.data import image_ops
     from veclip_jax.train import loop
 
     folder = os.path.join(data_dir, "colours")
@@ -170,7 +171,15 @@ def test_training_runs_each_entry_at_its_own_every(demo_cache, data_dir, tmp_pat
         colours=dict(type="zeroshot_classification", dataset=f"folder:{folder}", every=1, max_examples=7),
         demo_size=config.evals.demo_size.to_dict(),
     )
+    # ... with config.eval_fast_decode: the evaluator's preprocessing decodes what the data stores
+    config.eval_fast_decode = True
+    handed = []
+    real_load = image_ops.EvalPreprocess.load
+    monkeypatch.setattr(
+        image_ops.EvalPreprocess, "load", lambda self, im: handed.append(type(im)) or real_load(self, im)
+    )
     result = loop.train(config, str(tmp_path))
+    assert set(handed) == {str, bytes}  # the folder's file paths, the demo records' JPEG bytes
     lines = read_jsonl(os.path.join(tmp_path, "eval.jsonl"))
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     assert set(lines[0]) == {"step", "colours/acc1", "colours/acc5", "colours/mean_per_class_recall"}

@@ -319,7 +319,8 @@ def _make_evaluator(
             run.rules,
         ),
         tokenizer,
-        EvalPreprocess(size, size),  # the evaluation transform that veclip_jax.load and export use
+        # the evaluation transform that veclip_jax.load and export use (fast: the same arithmetic)
+        EvalPreprocess(size, size, fast=config.eval_fast_decode),
         demo_files=sources.eval_files if sources.is_demo else (),
     )
     evaluator = Evaluator.from_entries(config.evals.to_dict(), ctx, every=config.eval_every)
